@@ -1,0 +1,1 @@
+"""infinigen-sim: the model world (hardware, costs, SimPy replay, sweeps, reports)."""

@@ -1,0 +1,1 @@
+"""PyTorch runtime: models, offloaded KV caches, InfiniGen controller and the engine."""
