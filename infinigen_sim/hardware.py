@@ -8,6 +8,7 @@ Every error is one line naming the file, the dotted key and what was expected.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,7 @@ class HardwareConfig:
     link: LinkSpec
     host: HostSpec
     cost_per_hour_usd: float | None = None
-    source_file: str = ""
+    source_file: str = field(default="", compare=False)  # provenance, not part of the config's identity
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -149,7 +150,7 @@ def _coerce(where: str, key: str, value: Any, kind: type) -> Any:
         if not isinstance(value, str):
             raise HardwareError(f"{where}: key '{key}': expected a string, got {value!r}")
         return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise HardwareError(f"{where}: key '{key}': expected a positive number, got {value!r}")
     if kind is int and int(value) != value:
         raise HardwareError(f"{where}: key '{key}': expected a whole number, got {value!r}")
@@ -228,6 +229,8 @@ def set_dotted(raw: dict, dotted: str, value: Any, where: str) -> dict:
     node = out
     for part in parts[:-1]:
         node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise HardwareError(f"{where}: key '{part}': expected a mapping, got {node!r}")
     node[parts[-1]] = value
     return out
 
