@@ -1,0 +1,406 @@
+"""Sweep points (hardware x model x policy x request shape), write results.csv and config.yaml.
+
+    python -m infinigen_sim.sweep HW_CONFIG [HW_CONFIG ...] [--models ...] [--set KEY=V1,V2] ...
+
+A point is a frozen, picklable `Point` keyed by its parameters (`Point.key`); `simulate_point` turns
+one into one result row and is the unit a process pool (or, later, Ray) runs. A point whose memory
+does not fit is reported with fits=False and a reason, and is not simulated.
+
+results.csv, one row per point: the parameters (hw, each --set key, model, policy, batch_size,
+prompt_len, gen_len), mode, fits, reason, gpu_mem_gib, host_mem_gib, weights_streamed_pct (share of
+each layer's weights copied every step), prefill_s, decode_s, total_s, tokens_per_s
+(= batch_size * gen_len / total_s), speedup_vs_flexgen, decode_step_ms (the middle step), each
+resource's busy share of that step (*_busy_pct), bottleneck (the busiest resource) and key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from tqdm import tqdm
+
+from infinigen_sim.bundle import write_text_atomic
+from infinigen_sim.costs import MemoryPlan, PhysicsCosts, plan_memory
+from infinigen_sim.hardware import HardwareConfig, HardwareError, load_hardware, parse_value, resolve_path
+from infinigen_sim.models import UnknownModelError, get_model
+from infinigen_sim.pipeline import RESOURCES, Scenario, chrome_trace_json, simulate, trace_ops
+from infinigen_sim.policies import (
+    ALL_POLICIES,
+    DEFAULT_FETCH_MODEL,
+    PolicyConfig,
+    PolicyError,
+    PolicyName,
+    make_policy,
+    parse_policy_name,
+)
+
+POLICY_PREFIX = "policy."
+ERROR = "infinigen_sim.sweep: error: "  # every error is this and one line
+MODES = ("fast", "full")
+
+
+class SweepInputError(ValueError):
+    """A command-line value that cannot be used; the message names the flag."""
+
+
+@dataclass(frozen=True)
+class SweepGrid:
+    """The axes of a sweep; the defaults are the grid run when no option is given."""
+
+    models: tuple[str, ...] = field(default=("opt-6.7b", "opt-13b", "llama-2-7b", "llama-3-8b"),
+                                    metadata={"help": "model names from infinigen_sim.models"})
+    policies: tuple[str, ...] = field(default=ALL_POLICIES, metadata={"help": "KV policies"})
+    batch_sizes: tuple[int, ...] = field(default=(1, 4, 16, 64),
+                                         metadata={"help": "sequences decoded together"})
+    prompt_lens: tuple[int, ...] = field(default=(512, 2048, 8192, 32768),
+                                         metadata={"help": "prompt length, tokens"})
+    gen_lens: tuple[int, ...] = field(default=(128,), metadata={"help": "tokens generated per sequence"})
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """How a sweep runs and where it writes."""
+
+    out: str = field(default="results", metadata={"help": "output folder for results.csv and config.yaml"})
+    jobs: int = field(default=1, metadata={"help": "local worker processes"})
+    mode: str = field(default="fast", metadata={
+        "help": "fast: a few layers and steps, extrapolated (within 0.5%% of full); full: every event"})
+    trace: str | None = field(default=None, metadata={
+        "help": "write a Chrome trace (Perfetto) of the first fitting point's full replay to this file"})
+
+
+@dataclass(frozen=True)
+class Point:
+    """One configuration to simulate; `key` identifies it by its parameters."""
+
+    hw: HardwareConfig  # with --set overrides applied
+    model: str
+    policy: PolicyConfig  # with policy.* overrides applied
+    batch_size: int
+    prompt_len: int  # tokens
+    gen_len: int  # tokens
+    settings: tuple[tuple[str, Any], ...] = ()  # the --set values, (dotted key, value)
+    mode: str = "fast"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"hw": self.hw.name}
+        out.update(self.settings)
+        out.update(model=self.model, policy=self.policy.name.value, batch_size=self.batch_size,
+                   prompt_len=self.prompt_len, gen_len=self.gen_len)
+        return out
+
+    @property
+    def key(self) -> str:
+        return "|".join(f"{name}={value}" for name, value in self.params.items())
+
+
+# ---- points ----------------------------------------------------------------------------------
+def expand_points(hw_configs: Sequence[str | Path], grid: SweepGrid,
+                  settings: dict[str, tuple[Any, ...]] | None = None, mode: str = "fast") -> list[Point]:
+    """Every point of the grid; each --set key with several values is one more axis."""
+    settings = settings or {}
+    for name in grid.models:
+        get_model(name)
+    hw_keys = [k for k in settings if not k.startswith(POLICY_PREFIX)]
+    policy_keys = [k for k in settings if k.startswith(POLICY_PREFIX)]
+    points = []
+    for path in hw_configs:
+        for hw_values in itertools.product(*(settings[k] for k in hw_keys)):
+            hw = load_hardware(path, dict(zip(hw_keys, hw_values, strict=True)))
+            for policy_values in itertools.product(*(settings[k] for k in policy_keys)):
+                chosen = tuple(zip(hw_keys + policy_keys, hw_values + policy_values, strict=True))
+                params = {k[len(POLICY_PREFIX):]: v for k, v in zip(policy_keys, policy_values, strict=True)}
+                policies = [_policy(name, params) for name in grid.policies]
+                points += [Point(hw, model, policy, batch, prompt, gen, chosen, mode)
+                           for model in grid.models for prompt in grid.prompt_lens
+                           for batch in grid.batch_sizes for gen in grid.gen_lens for policy in policies]
+    return points
+
+
+def _policy(name: str, params: dict[str, Any]) -> PolicyConfig:
+    try:
+        return make_policy(name, **params)
+    except PolicyError as exc:
+        keys = ", ".join(f"--set {POLICY_PREFIX}{k}" for k in params) or "--policies"
+        raise PolicyError(f"{keys}: {exc}") from None
+
+
+def scenario_for(point: Point) -> tuple[Scenario | None, MemoryPlan]:
+    """The replay input of `point` and its memory plan (no scenario when it does not fit)."""
+    model = get_model(point.model)
+    plan = plan_memory(point.hw, model, point.policy, point.batch_size, point.prompt_len, point.gen_len)
+    if not plan.fits:
+        return None, plan
+    return Scenario(PhysicsCosts(point.hw), model, point.policy, point.batch_size, point.prompt_len,
+                    point.gen_len, DEFAULT_FETCH_MODEL, plan.streamed_weight_bytes), plan
+
+
+RESULT_COLUMNS = ["prefill_s", "decode_s", "total_s", "tokens_per_s", "speedup_vs_flexgen", "decode_step_ms",
+                  *(f"{resource}_busy_pct" for resource in RESOURCES)]  # NaN when the point does not fit
+
+
+def simulate_point(point: Point) -> dict[str, Any]:
+    """One result row: the point's parameters, memory, and (when it fits) times and bottleneck."""
+    sc, plan = scenario_for(point)
+    layer_bytes = get_model(point.model).layer_weight_bytes()
+    row: dict[str, Any] = {**point.params, "mode": point.mode, "fits": plan.fits, "reason": plan.reason,
+                           "gpu_mem_gib": round(plan.gpu_gib, 3), "host_mem_gib": round(plan.host_gib, 3),
+                           "weights_streamed_pct": round(100 * plan.streamed_weight_bytes / layer_bytes, 2)}
+    row.update(dict.fromkeys(RESULT_COLUMNS, math.nan), bottleneck="")
+    if sc is None:
+        return {**row, "key": point.key}
+    res = simulate(sc, point.mode)
+    row.update(prefill_s=res.prefill_s, decode_s=res.decode_s, total_s=res.total_s,
+               tokens_per_s=point.batch_size * point.gen_len / res.total_s,
+               decode_step_ms=1e3 * res.step_s, bottleneck=res.bottleneck)
+    for resource in RESOURCES:
+        row[f"{resource}_busy_pct"] = 100 * res.busy_s[resource] / res.step_s if res.step_s else math.nan
+    return {**row, "key": point.key}
+
+
+
+def run_sweep(points: Sequence[Point], jobs: int = 1, progress: bool = False) -> pd.DataFrame:
+    """Simulate `points` (in a process pool when jobs > 1); one row per point, in point order."""
+    bar = dict(total=len(points), disable=not progress, file=sys.stderr, unit="pt", leave=False)
+    if jobs <= 1:
+        rows = [simulate_point(p) for p in tqdm(points, **bar)]
+    else:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            chunk = max(1, len(points) // (jobs * 16))
+            rows = list(tqdm(pool.map(simulate_point, points, chunksize=chunk), **bar))
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    _add_speedup(frame)
+    return frame
+
+
+def _add_speedup(frame: pd.DataFrame) -> None:
+    """tokens_per_s / flexgen's at the same point (everything but the policy equal); NaN without one."""
+    same = [c for c in frame.columns[: frame.columns.get_loc("gen_len") + 1] if c != "policy"]
+    base = frame[frame["policy"] == PolicyName.FLEXGEN.value].set_index(same)["tokens_per_s"]
+    base = base[~base.index.duplicated()]
+    lookup = pd.MultiIndex.from_frame(frame[same]) if len(same) > 1 else frame[same[0]]
+    frame["speedup_vs_flexgen"] = frame["tokens_per_s"].to_numpy() / base.reindex(lookup).to_numpy()
+
+
+# ---- outputs ---------------------------------------------------------------------------------
+def summary_table(frame: pd.DataFrame) -> str:
+    """Per hardware/settings/model: tokens/s of each policy at each context, for the largest batch
+    at which InfiniGen (or, without it, any policy) fits, and InfiniGen's speedup over FlexGen."""
+    if frame.empty:
+        return "(no points)"
+    groups = list(frame.columns[: frame.columns.get_loc("model") + 1])
+    policies = list(dict.fromkeys(frame["policy"]))
+    anchor = PolicyName.INFINIGEN.value if PolicyName.INFINIGEN.value in policies else None
+    blocks = []
+    for values, part in frame.groupby(groups, sort=False, dropna=False):
+        lines = []
+        for (prompt, gen), shape in part.groupby(["prompt_len", "gen_len"], sort=False):
+            fits = shape[shape["fits"] & ((shape["policy"] == anchor) if anchor else True)]
+            if fits.empty:
+                lines.append({"prompt": prompt, "gen": gen, "batch": "-"})
+                continue
+            batch = fits["batch_size"].max()
+            at = shape[shape["batch_size"] == batch].set_index("policy")
+            line = {"prompt": prompt, "gen": gen, "batch": batch}
+            line.update({p: _fmt(at["tokens_per_s"].get(p)) for p in policies})
+            if anchor:
+                line["infinigen/flexgen"] = _fmt(at["speedup_vs_flexgen"].get(anchor), "x")
+                line["bound by"] = at["bottleneck"].get(anchor) or "-"
+            lines.append(line)
+        title = ", ".join(f"{k}={_plain(v)}" for k, v in zip(groups, values, strict=True))
+        table = pd.DataFrame(lines).fillna("-").to_string(index=False)
+        blocks.append(f"{title} (tokens/s at the largest batch where "
+                      f"{anchor or 'a policy'} fits)\n{table}")
+    return "\n\n".join(blocks)
+
+
+def _plain(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _fmt(value: Any, suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.3g}{suffix}" if suffix else f"{value:.1f}"
+
+
+def resolved_config(hw_configs: Sequence[str], grid: SweepGrid, settings: dict[str, tuple[Any, ...]],
+                    points: Sequence[Point], mode: str) -> dict[str, Any]:
+    """Everything that decided the numbers, for config.yaml."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        package_version = version("infinigen-sim")
+    except PackageNotFoundError:
+        package_version = "unknown"
+    hardware = {}
+    for point in points:
+        name = "|".join([point.hw.name, *(f"{k}={v}" for k, v in point.settings if not k.startswith(POLICY_PREFIX))])
+        hardware.setdefault(name, point.hw.to_dict())
+    policies = {}
+    for point in points:
+        policies.setdefault(point.policy.name.value, {**asdict(point.policy), "name": point.policy.name.value})
+    return {
+        "version": package_version,
+        "mode": mode,
+        "hw_configs": [str(resolve_path(h)) for h in hw_configs],
+        "grid": {k: list(v) for k, v in asdict(grid).items()},
+        "settings": {k: list(v) for k, v in settings.items()},
+        "hardware": hardware,
+        "policies": policies,
+        "fetch_model": {**asdict(DEFAULT_FETCH_MODEL), "groups": [list(g) for g in DEFAULT_FETCH_MODEL.groups]},
+        "costs": PhysicsCosts(points[0].hw).describe() if points else {},
+        "decode": "prefill emits the first token; gen_len - 1 decode steps emit the rest",
+        "points": len(points),
+    }
+
+
+def write_outputs(out_dir: Path, frame: pd.DataFrame, config: dict[str, Any]) -> None:
+    """results.csv and config.yaml, each written whole or not at all."""
+    write_text_atomic(out_dir / "results.csv", frame.to_csv(index=False, float_format="%.6g"))
+    write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+
+# ---- command line ----------------------------------------------------------------------------
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        self.exit(2, f"{ERROR}{message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    grid, options = SweepGrid(), SweepOptions()
+    parser = _OneLineParser(
+        prog="python -m infinigen_sim.sweep",
+        description="Simulate KV-offloaded LLM decoding over a grid of points; write DIR/results.csv "
+                    "(times in s, tokens/s, memory in GiB) and DIR/config.yaml.",
+        epilog="Units: lengths in tokens, bandwidths in GB/s (1e9 B/s), compute in TFLOP/s, memory in GiB, "
+               "latencies in microseconds, times in seconds. Example: --set link.h2d_gbps=16,32,64 "
+               "--set policy.alpha=4")
+    parser.add_argument("hw_configs", nargs="+", metavar="HW_CONFIG",
+                        help="hardware YAML, a path or a bare name in hw_configs/ (e.g. a100_pcie4)")
+    for f in fields(SweepGrid):
+        default = ",".join(str(v) for v in getattr(grid, f.name))
+        parser.add_argument(f"--{f.name.replace('_', '-')}", default=default,
+                            help=f"{f.metadata['help']}; comma list (default {default})")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE[,VALUE...]",
+                        help="override a dotted hardware key (link.h2d_gbps, gpu.fp16_tflops, ...) or a "
+                             "policy parameter (policy.alpha, policy.overlap, ...); a comma list sweeps it")
+    for f in fields(SweepOptions):
+        kwargs: dict[str, Any] = {"default": getattr(options, f.name),
+                                  "help": f"{f.metadata['help']} (default %(default)s)"}
+        if f.name == "jobs":
+            kwargs["type"] = int
+        if f.name == "mode":
+            kwargs["choices"] = MODES
+        parser.add_argument(f"--{f.name}", **kwargs)
+    return parser
+
+
+def _int_list(flag: str, text: str) -> tuple[int, ...]:
+    items = [item.strip() for item in text.split(",")]
+    if not all(item.isdigit() and int(item) > 0 for item in items):
+        raise SweepInputError(f"{flag}: expected a comma list of positive whole numbers, got '{text}'")
+    return tuple(int(item) for item in items)
+
+
+def _name_list(flag: str, text: str) -> tuple[str, ...]:
+    items = tuple(item.strip() for item in text.split(","))
+    if not all(items):
+        raise SweepInputError(f"{flag}: expected a comma list of names, got '{text}'")
+    return items
+
+
+_POLICY_FIELDS = {f.name: f.type for f in fields(PolicyConfig) if f.name != "name"}
+
+
+def parse_settings(items: Sequence[str]) -> dict[str, tuple[Any, ...]]:
+    """--set KEY=V1[,V2...] -> {key: values}; policy.* values are checked against PolicyConfig."""
+    settings: dict[str, tuple[Any, ...]] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        values = [v.strip() for v in text.split(",")]
+        if not sep or not key or not all(values):
+            raise SweepInputError(f"--set '{item}': expected KEY=VALUE[,VALUE...], e.g. link.h2d_gbps=16,32")
+        if key in settings:
+            raise SweepInputError(f"--set {key}: given twice; give one comma list instead")
+        settings[key] = tuple(_setting_value(key, parse_value(v)) for v in values)
+    return settings
+
+
+def _setting_value(key: str, value: Any) -> Any:
+    if not key.startswith(POLICY_PREFIX):
+        return value  # hardware keys are checked by the loader, which names file and key
+    name = key[len(POLICY_PREFIX):]
+    if name not in _POLICY_FIELDS:
+        raise SweepInputError(f"--set {key}: unknown policy parameter (expected one of "
+                              f"{', '.join(POLICY_PREFIX + k for k in _POLICY_FIELDS)})")
+    kind = str(_POLICY_FIELDS[name])
+    ok = {"bool": isinstance(value, bool),
+          "int": isinstance(value, int) and not isinstance(value, bool),
+          "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "float | None": value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))}
+    if not ok.get(kind, False):
+        raise SweepInputError(f"--set {key}: expected a {kind.replace('None', 'null')}, got {value!r}")
+    return float(value) if kind.startswith("float") and value is not None else value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        grid = SweepGrid(models=_name_list("--models", args.models),
+                         policies=tuple(parse_policy_name(p).value for p in _name_list("--policies", args.policies)),
+                         batch_sizes=_int_list("--batch-sizes", args.batch_sizes),
+                         prompt_lens=_int_list("--prompt-lens", args.prompt_lens),
+                         gen_lens=_int_list("--gen-lens", args.gen_lens))
+        if args.jobs < 1:
+            raise SweepInputError(f"--jobs: expected a positive whole number, got {args.jobs}")
+        settings = parse_settings(args.set)
+        points = expand_points(args.hw_configs, grid, settings, args.mode)
+    except (SweepInputError, HardwareError, PolicyError, UnknownModelError) as exc:
+        flag = "--models: " if isinstance(exc, UnknownModelError) else ""
+        flag = "--policies: " if isinstance(exc, PolicyError) and "unknown policy" in str(exc) else flag
+        print(f"{ERROR}{flag}{exc}".replace("\n", " "), file=sys.stderr)
+        return 2
+    if POLICY_PREFIX + "alpha" in settings:
+        print(f"note: policy.alpha does not change simulated fetch counts; they come from the fetch model "
+              f"({DEFAULT_FETCH_MODEL.source})", file=sys.stderr)
+    frame = run_sweep(points, args.jobs, progress=len(points) >= 50 and sys.stderr.isatty())
+    out_dir = Path(args.out)
+    try:
+        write_outputs(out_dir, frame, resolved_config(args.hw_configs, grid, settings, points, args.mode))
+        if args.trace:
+            _write_trace(Path(args.trace), points)
+    except OSError as exc:
+        print(f"{ERROR}cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(summary_table(frame))
+    print(f"\nwrote {out_dir / 'results.csv'} ({len(frame)} points) and {out_dir / 'config.yaml'}")
+    return 0
+
+
+def _write_trace(path: Path, points: Sequence[Point]) -> None:
+    for point in points:
+        sc, _ = scenario_for(point)
+        if sc is not None:
+            write_text_atomic(path, chrome_trace_json(trace_ops(sc)))
+            print(f"trace of {point.key} -> {path}", file=sys.stderr)
+            return
+    print("no fitting point: no trace written", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
