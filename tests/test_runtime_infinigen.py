@@ -1,0 +1,167 @@
+"""InfiniGen in the runtime: skewing is exact, an unlimited budget is full attention, fetch counts
+follow policies.infinigen_fetch_count, and the bounded host pool keeps K, V and partial K aligned."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from infinigen_sim.models import get_model
+from infinigen_sim.policies import infinigen_cap, infinigen_fetch_count, make_policy
+from profiler.runtime.engine import Engine
+from profiler.runtime.infinigen import HostPool
+from profiler.runtime.model import build_model, prefill_attention
+from profiler.runtime.skew import FoldedSkew, RotarySkew, apply_skew, count_above, skew_matrices, speculation_scores
+
+FAMILIES = ["tiny-opt", "tiny-llama-gqa"]
+
+
+@pytest.fixture(autouse=True)
+def one_intra_op_thread():
+    """Tiny ops under a loaded 2-core box: OpenMP barriers dominate; one thread keeps tests fast."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def prompt_ids(spec, batch=2, length=40, seed=0):
+    return torch.randint(0, spec.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def compare(spec, policy, prompt, gen_len=8):
+    """(policy result, ideal result teacher-forced on the policy's tokens)."""
+    with Engine(spec, policy, "cpu", seed=0) as engine, Engine(spec, make_policy("ideal"), "cpu", seed=0) as ref:
+        result = engine.generate(prompt, gen_len, keep_logits=True)
+        reference = ref.generate(prompt, gen_len, forced=result.tokens, keep_logits=True)
+    return result, reference
+
+
+def test_skew_folding_leaves_every_layer_attention_unchanged():
+    spec = get_model("tiny-opt")
+    model = build_model(spec, seed=2).double()
+    tokens = prompt_ids(spec, length=33)
+    pos = torch.arange(tokens.shape[1])
+    skew = FoldedSkew(model, n_cols=20)
+    with torch.no_grad():
+        x = model.embed(tokens, pos)
+        for layer, block in enumerate(model.layers):
+            a = block.input_layernorm(x)
+            q, k, v = model.qkv(layer, a, pos)
+            before = prefill_attention(q, k, v)
+            k_cached, _ = skew.prepare(layer, q, k)
+            q2, k2, v2 = model.qkv(layer, a, pos)  # the folded weights
+            after = prefill_attention(q2, k2, v2)
+            torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5 * before.abs().max().item())
+            torch.testing.assert_close(k2, k_cached)
+            energy = q2.pow(2).sum(dim=(0, 1))  # (H, D): skewed columns sorted by singular value
+            assert (energy[:, 0] >= energy[:, -1]).all()
+            x = x + block.self_attn.o_proj(before)
+            x = x + block.ffn(x)
+
+
+def test_rotary_skew_with_all_columns_reproduces_the_scores():
+    spec = get_model("tiny-llama-gqa")
+    model = build_model(spec, seed=4).double()
+    tokens = prompt_ids(spec, length=21)
+    pos = torch.arange(tokens.shape[1])
+    skew = RotarySkew(model, n_cols=spec.head_dim)
+    with torch.no_grad():
+        a = model.layers[0].input_layernorm(model.embed(tokens, pos))
+        q, k, _ = model.qkv(0, a, pos)
+        _, partial_k = skew.prepare(0, q, k)  # (B, T, Hkv, D)
+        new_pos = pos[-1:]
+        spec_q = skew.query(0, a[:, -1:], new_pos)  # (B, Hkv, G, D)
+        scores = speculation_scores(spec_q, partial_k.transpose(1, 2), spec.head_dim)
+        q_last = q[:, -1].view(2, spec.n_kv_heads, spec.group_size, spec.head_dim)
+        true = torch.einsum("bjgd,btjd->bjgt", q_last, k) / spec.head_dim**0.5
+    torch.testing.assert_close(scores, true.amax(dim=2))
+    A = skew_matrices(q, spec.n_kv_heads)
+    torch.testing.assert_close(A.transpose(1, 2) @ A, torch.eye(spec.head_dim).double().expand_as(A))
+    B, T, H, D = q.shape
+    grouped = "btjgd,bsjd->bjgts"
+    skewed = torch.einsum(grouped, apply_skew(q, A).view(B, T, spec.n_kv_heads, -1, D), apply_skew(k, A))
+    torch.testing.assert_close(skewed, torch.einsum(grouped, q.view(B, T, spec.n_kv_heads, -1, D), k))
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_unlimited_budget_equals_full_attention(name, overlap):
+    spec = get_model(name)
+    policy = make_policy("infinigen", alpha=math.inf, max_fetch_ratio=1.0, overlap=overlap)
+    result, reference = compare(spec, policy, prompt_ids(spec))
+    assert (result.logits.argmax(-1) == reference.logits.argmax(-1)).all()
+    torch.testing.assert_close(result.logits, reference.logits, rtol=0, atol=1e-4)
+    for step in result.steps:
+        assert step.fetched == [step.context_len] * spec.n_layers
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_fetch_counts_respect_the_cap_and_full_layers(name):
+    spec = get_model(name)
+    policy = make_policy("infinigen", alpha=1.0, max_fetch_ratio=0.25)
+    result, _ = compare(spec, policy, prompt_ids(spec, length=64), gen_len=10)
+    for step in result.steps:
+        n = step.context_len
+        assert step.fetched[: policy.full_fetch_layers] == [n] * policy.full_fetch_layers
+        for rows in step.fetched[policy.full_fetch_layers :]:
+            assert 1 <= rows <= infinigen_cap(policy, n)
+        assert {"speculate", "topk", "gather", "h2d"} <= set(step.layer_phase_s[policy.full_fetch_layers])
+
+
+def test_fetch_count_is_the_policy_rule_on_the_speculated_count():
+    scores = torch.tensor([[[9.0, 8.5, 1.0, 0.0, 7.0, -3.0]], [[2.0, 2.0, 2.0, 2.0, 2.0, 2.0]]])  # (B=2, Hkv=1, 6)
+    selected = count_above(scores, alpha=2.5).item()  # rows above max - 2.5: 3 and 6 -> mean 4.5
+    assert selected == 4.5
+    policy = make_policy("infinigen", max_fetch_ratio=0.5)
+    assert infinigen_fetch_count(policy, 5, 6, selected) == 3  # capped at floor(0.5 * 6)
+    assert infinigen_fetch_count(policy, 0, 6, selected) == 6  # a full-fetch layer
+
+
+def test_pool_counters_increment_evict_min_and_halve():
+    pool = HostPool(n_layers=1, batch=1, n_kv_heads=2, capacity=4)
+    pool.fill(0, torch.tensor([[[0, 1, 2, 3], [0, 1, 2, 3]]]))
+    pool.touch(0, torch.tensor([[[0, 2], [1, 3]]]))
+    pool.touch(0, torch.tensor([[[0], [1]]]))
+    assert pool.count[0].tolist() == [[[2, 0, 1, 0], [0, 2, 0, 1]]]
+    slots = pool.place(0, entries=4, new_pos=4)  # least used, ties to the oldest token
+    assert slots.tolist() == [[1, 0]]
+    assert pool.pos[0].tolist() == [[[0, 4, 2, 3], [4, 1, 2, 3]]]
+    assert pool.count[0].tolist() == [[[2, 0, 1, 0], [0, 2, 0, 1]]]
+    assert pool.place(0, entries=4, new_pos=5).tolist() == [[3, 2]]  # slot 1 / 0 now hold the newest
+    pool.count[0, 0, 0] = torch.tensor([HostPool.SATURATION - 1, 10, 7, 3], dtype=torch.int32)
+    pool.touch(0, torch.tensor([[[0], [0]]]))
+    assert pool.count[0, 0, 0].tolist() == [127, 5, 3, 1]  # saturated at 255: the lane halves
+    assert pool.count[0, 0, 1].tolist() == [1, 2, 0, 1]  # the other lane untouched by halving
+    assert pool.place(0, entries=2, new_pos=6).tolist() == [[2, 2]]  # not full: the next free slot
+
+
+def test_bounded_pool_keeps_k_v_and_partial_k_aligned():
+    spec = get_model("tiny-llama-gqa")
+    policy = make_policy("infinigen", pool_ratio=0.5, alpha=1.0)
+    prompt = prompt_ids(spec, length=48)
+    with Engine(spec, policy, "cpu", seed=0) as engine:
+        result = engine.generate(prompt, 12)
+        cache, model = engine.cache, engine.model
+    capacity = math.ceil(0.5 * 60)
+    assert cache.host_rows == capacity and cache.entries == [capacity] * spec.n_layers
+    fed = torch.cat([prompt, result.tokens[:, :-1]], dim=1)  # the tokens whose K/V were cached
+    pos = torch.arange(fed.shape[1])
+    with torch.no_grad():
+        _, k_ref, v_ref = model.qkv(0, model.layers[0].input_layernorm(model.embed(fed, pos)), pos)
+    held = cache.pool.pos[0]  # (B, Hkv, capacity) token position per slot
+    assert (held >= 0).all() and (held.sort(-1).values.diff(dim=-1) > 0).all()  # distinct tokens
+    assert (held == fed.shape[1] - 1).any(dim=-1).all()  # every lane holds the newest token
+    lanes = torch.arange(spec.n_kv_heads)
+    for b in range(prompt.shape[0]):
+        for slot in range(capacity):
+            p = held[b, :, slot]
+            torch.testing.assert_close(cache.host[0].t[0][slot, b], k_ref[b, p, lanes])
+            torch.testing.assert_close(cache.host[0].t[1][slot, b], v_ref[b, p, lanes])
+    for layer in cache.speculated:  # the partial K cache follows the pool slot for slot
+        host_k = cache.host[layer].t[0].permute(1, 0, 2, 3)  # (B, capacity, Hkv, D)
+        expected = apply_skew(host_k, cache.skew.skew_cols[layer]).transpose(1, 2)
+        torch.testing.assert_close(cache.partial_k_cache[layer], expected)
+    assert all(s.fetched[i] <= capacity for s in result.steps for i in range(spec.n_layers))
