@@ -1,0 +1,142 @@
+"""End-to-end runs for steps.csv: each policy x a small batch x prompt grid through the runtime engine.
+
+Validation data, not a cost table: one row per (run, phase, step, layer, op) with the seconds the
+engine's PhaseTimer summed for that op, the step's context length and the K/V rows per sequence
+fetched for that layer. Layer -1 holds what lies outside the decoder layers (embed, final norm,
+lm_head) and, as op `wall`, the step's wall time, written last so that its presence marks a finished
+run. Each run first does one untimed generation (allocator, kernels and copy worker warmed up).
+The model is built once per zoo entry and shared by its runs; InfiniGen runs go last because the
+InfiniGen cache folds its skew into the shared weights (attention-preserving, so timings are not
+affected, but the other policies should see the weights as built).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from infinigen_sim.bundle import STEP_KEY, row_key
+from infinigen_sim.models import ModelSpec
+from infinigen_sim.policies import PolicyConfig, make_policy
+from profiler.runtime.engine import Engine, default_dtype
+from profiler.runtime.model import Transformer, build_model
+from profiler.runtime.timing import MODEL_LAYER, StepRecord
+
+WALL_OP = "wall"
+
+
+@dataclass(frozen=True)
+class StepGrid:
+    """Which end-to-end runs validate the bundle."""
+
+    batches: tuple[int, ...]
+    prompt_lens: tuple[int, ...]
+    gen_len: int  # tokens generated per run: gen_len - 1 decode steps
+
+
+STEP_GRIDS = {
+    ("cuda", False): StepGrid((1, 8), (512, 1536), 32),
+    ("cuda", True): StepGrid((1, 8), (512,), 8),
+    ("cpu", False): StepGrid((1, 4), (256, 1024), 16),
+    ("cpu", True): StepGrid((2,), (64,), 4),
+}
+
+
+@dataclass(frozen=True)
+class StepRun:
+    """One generation of one model under one policy."""
+
+    model: str
+    policy: str
+    batch_size: int
+    prompt_len: int
+    gen_len: int
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.model}/{self.policy}/b{self.batch_size}/p{self.prompt_len}/g{self.gen_len}"
+
+    @property
+    def final_key(self) -> tuple[str, ...]:
+        """The key of the run's last row (the last decode step's wall time)."""
+        last = {"run_id": self.run_id, "phase": "decode", "step": self.gen_len - 2, "layer": MODEL_LAYER,
+                "op": WALL_OP}
+        return row_key(last, STEP_KEY)
+
+
+def step_runs(models: list[ModelSpec], policies: list[str], grid: StepGrid) -> list[StepRun]:
+    """Runs that fit each model's position table, InfiniGen last within a model."""
+    order = sorted(policies, key=lambda p: p == "infinigen")
+    return [StepRun(spec.name, policy, b, prompt, grid.gen_len)
+            for spec in models for policy in order for b in grid.batches for prompt in grid.prompt_lens
+            if prompt + grid.gen_len <= spec.max_positions]
+
+
+def record_rows(run: StepRun, policy: PolicyConfig, phase: str, record: StepRecord) -> list[dict]:
+    """One row per (layer, op) of a step record; the wall-time row last."""
+    base = {"run_id": run.run_id, "model": run.model, "policy": run.policy, "batch_size": run.batch_size,
+            "prompt_len": run.prompt_len, "gen_len": run.gen_len, "alpha": policy.alpha,
+            "overlap": policy.overlap, "phase": phase, "step": record.step, "context_len": record.context_len}
+    rows = [{**base, "layer": MODEL_LAYER, "op": op, "seconds": s, "fetched_tokens": 0}
+            for op, s in record.model_phase_s.items()]
+    for layer, phases in enumerate(record.layer_phase_s):
+        rows += [{**base, "layer": layer, "op": op, "seconds": s, "fetched_tokens": record.fetched[layer]}
+                 for op, s in phases.items()]
+    rows.append({**base, "layer": MODEL_LAYER, "op": WALL_OP, "seconds": record.wall_s,
+                 "fetched_tokens": sum(record.fetched)})
+    return rows
+
+
+class StepBench:
+    """Runs generations through the engine, one shared model per zoo entry."""
+
+    def __init__(self, device: torch.device, models: dict[str, ModelSpec], seed: int) -> None:
+        self.device, self.models, self.seed = device, models, seed
+        self._model: tuple[str, Transformer] | None = None
+
+    def model(self, name: str) -> Transformer:
+        if self._model is None or self._model[0] != name:
+            self._model = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            built = build_model(self.models[name], self.seed).to(self.device, default_dtype(self.device)).eval()
+            self._model = (name, built)
+        return self._model[1]
+
+    def measure(self, run: StepRun) -> list[dict]:
+        """Warm-up generation, then the recorded one: prefill and every decode step."""
+        spec, policy = self.models[run.model], make_policy(run.policy)
+        gen = torch.Generator().manual_seed(self.seed)
+        prompt = torch.randint(0, spec.vocab_size, (run.batch_size, run.prompt_len), generator=gen)
+        with Engine(spec, policy, self.device, None, self.seed, model=self.model(run.model)) as engine:
+            engine.generate(prompt, run.gen_len)
+            result = engine.generate(prompt, run.gen_len)
+        rows = record_rows(run, policy, "prefill", result.prefill)
+        for record in result.steps:
+            rows += record_rows(run, policy, "decode", record)
+        return rows
+
+
+def summary_lines(frame, models: dict[str, ModelSpec], dtype_bytes: int, ceiling_gbps: float | None) -> list[str]:
+    """Per run: prefill and mean decode step, tokens/s, and the weights-read bandwidth of a decode step."""
+    if frame.empty:
+        return ["steps: none"]
+    ceiling = f"{ceiling_gbps:.1f} GB/s" if ceiling_gbps else "none"
+    lines = [f"steps (end to end; GB/s = layer weights and LM head read once per decode step, ceiling {ceiling})"]
+    walls = frame[frame.op == WALL_OP]
+    for run_id, run in walls.groupby("run_id", sort=False):
+        spec = models.get(str(run.model.iloc[0]))
+        decode = run[run.phase == "decode"]
+        if spec is None or decode.empty:
+            continue
+        step_s = float(decode.seconds.mean())
+        read = spec.n_layers * spec.layer_weight_bytes(dtype_bytes) + spec.vocab_size * spec.d_model * dtype_bytes
+        gbps = read / step_s / 1e9
+        share = f" {100 * gbps / ceiling_gbps:5.1f}% of ceiling" if ceiling_gbps else ""
+        fetched = float(decode.fetched_tokens.mean()) / spec.n_layers
+        prefill_ms = 1e3 * float(run[run.phase == "prefill"].seconds.sum())
+        lines.append(f"  {run_id:<36} prefill {prefill_ms:8.1f} ms  decode {1e3 * step_s:7.2f} ms/step "
+                     f"{int(run.batch_size.iloc[0]) / step_s:8.1f} tok/s  {gbps:6.2f} GB/s{share}  "
+                     f"fetched {fetched:.0f} rows/layer")
+    return lines

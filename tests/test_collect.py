@@ -1,0 +1,261 @@
+"""profiler.collect: a quick CPU bundle reads back, resumes without loss or duplicates, flags fail in one line."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from infinigen_sim.bundle import (
+    KERNEL_COLUMNS,
+    KERNEL_KEY,
+    STEP_COLUMNS,
+    STEP_KEY,
+    TRANSFER_COLUMNS,
+    TRANSFER_KEY,
+    BundleError,
+    done_keys,
+    read_bundle,
+)
+from infinigen_sim.models import get_model
+from infinigen_sim.policies import ALL_POLICIES
+from profiler import collect, kernels, nvml
+from profiler.kernels import GRIDS, KernelBench, kernel_points, kernel_tasks
+from profiler.transfers import TransferBench, TransferPoint, TransferSweep, make_sweep, transfer_points
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK = ["--device", "cpu", "--quick", "--models", "tiny-opt"]
+
+
+def expected_keys(argv: list[str]) -> tuple[set, set]:
+    """Every (transfer, kernel) key the plan for `argv` measures."""
+    plan = collect.resolve(collect.parse_args(argv))
+    sweep = make_sweep(plan.device, list(plan.models), plan.quick)
+    transfers = {key for point in transfer_points(sweep) for key in point.keys()}
+    kernel_keys = {p.key() for p in kernel_points(list(plan.models), "float32", GRIDS[("cpu", True)])}
+    return transfers, kernel_keys
+
+
+def bundle_keys(path: Path) -> tuple[set, set, set]:
+    return (done_keys(path / "transfers.csv", TRANSFER_KEY), done_keys(path / "kernels.csv", KERNEL_KEY),
+            done_keys(path / "steps.csv", STEP_KEY))
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "profiler.collect", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def quick_bundle(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundle") / "quick"
+    assert collect.main([*QUICK, "--out", str(out)]) == 0
+    return out
+
+
+def test_quick_bundle_reads_back(quick_bundle: Path) -> None:
+    bundle = read_bundle(quick_bundle)
+    assert list(bundle.kernels.columns) == KERNEL_COLUMNS
+    assert list(bundle.transfers.columns) == TRANSFER_COLUMNS
+    for frame in (bundle.kernels, bundle.transfers):
+        assert (frame.status == "ok").all()
+        assert (frame.repeats >= 5).all()
+        assert (frame.p10_us > 0).all() and (frame.p10_us <= frame.median_us).all()
+        assert (frame.median_us <= frame.p90_us).all()
+    assert (bundle.transfers.gbps > 0).all()
+    assert bundle_keys(quick_bundle)[:2] == expected_keys([*QUICK, "--out", "x"])
+    assert list(bundle.steps.columns) == STEP_COLUMNS
+    walls = bundle.steps[bundle.steps.op == "wall"]
+    assert set(walls.policy) == set(ALL_POLICIES) and (walls.seconds > 0).all()
+    assert set(bundle.steps.phase) == {"prefill", "decode"}
+    flexgen = bundle.steps[(bundle.steps.policy == "flexgen") & (bundle.steps.phase == "decode")
+                           & (bundle.steps.layer >= 0)]
+    assert (flexgen.fetched_tokens == flexgen.context_len).all()  # flexgen fetches every cached row
+    meta = bundle.meta
+    assert meta["schema_version"] == 1 and meta["device"]["type"] == "cpu"
+    assert meta["transfers"]["memory"] == ["pageable"] and meta["transfers"]["pinned"].startswith("not measured")
+    assert meta["repeats"] == {"timed": 5, "warmup": 1, "summary": "median, p10, p90"}
+    assert meta["steps"]["source"].startswith("profiler.runtime") and "completed_utc" in meta
+    gathered = bundle.transfers[bundle.transfers.layout.str.startswith("gathered")]
+    assert set(gathered.layout) == {"gathered", "gathered.gather", "gathered.copy", "gathered_batch",
+                                    "gathered_batch.gather", "gathered_batch.copy"}
+    assert (gathered.rows * gathered.row_bytes == gathered.nbytes).all()
+    assert {10240, 1024} <= set(gathered.row_bytes)  # opt-13b fp16 row and tiny-opt's fp32 row
+    printed = collect.format_summary(collect.resolve(collect.parse_args([*QUICK, "--out", str(quick_bundle)])))
+    assert "h2d pageable contiguous peak" in printed and "% of ceiling" in printed
+    assert "gathered 1024x10240 B" in printed and "attention  b8" in printed
+    assert "tiny-opt/infinigen/b2/p64/g4" in printed and "tok/s" in printed
+
+
+def test_other_schema_version_is_a_clear_error(quick_bundle: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "old"
+    shutil.copytree(quick_bundle, copy)
+    meta = yaml.safe_load((copy / "meta.yaml").read_text())
+    (copy / "meta.yaml").write_text(yaml.safe_dump({**meta, "schema_version": 0}))
+    with pytest.raises(BundleError, match=r"meta\.yaml: key 'schema_version': expected 1, got 0"):
+        read_bundle(copy)
+    result = run_cli(*QUICK, "--out", str(copy), "--resume")
+    assert result.returncode == 2 and "schema_version" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def tear_last_row(path: Path, drop_rows: int = 0) -> set:
+    """Drop `drop_rows` complete rows and cut the new last row in half, as a kill mid-write would."""
+    lines = path.read_text().splitlines(keepends=True)
+    lines = lines[: len(lines) - drop_rows]
+    path.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
+    return set(lines[1:-1])  # the complete rows that must survive
+
+
+def test_resume_after_kill_loses_and_duplicates_nothing(quick_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "profiler.collect", *QUICK, "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    transfers = out / "transfers.csv"
+    deadline = time.monotonic() + 50
+    while time.monotonic() < deadline and proc.poll() is None:
+        if transfers.exists() and transfers.read_text().count("\n") >= 60:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "kernels.csv").exists(), "killed too late: the transfer sweep had finished"
+    survivors = tear_last_row(transfers)
+    assert collect.main([*QUICK, "--out", str(out), "--resume"]) == 0
+    read_bundle(out)  # raises on a duplicate key
+    assert bundle_keys(out) == bundle_keys(quick_bundle)
+    assert survivors <= set(transfers.read_text().splitlines(keepends=True))
+    assert "resumed_utc" in yaml.safe_load((out / "meta.yaml").read_text())
+
+
+def test_resume_completes_torn_kernel_and_step_tables(quick_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "torn"
+    shutil.copytree(quick_bundle, out)
+    survivors = {name: tear_last_row(out / name, drop_rows=10) for name in ("kernels.csv", "steps.csv")}
+    before = (out / "transfers.csv").read_text()
+    assert collect.main([*QUICK, "--out", str(out), "--resume"]) == 0
+    read_bundle(out)
+    assert bundle_keys(out) == bundle_keys(quick_bundle)
+    for name, rows in survivors.items():
+        assert rows <= set((out / name).read_text().splitlines(keepends=True))
+    assert (out / "transfers.csv").read_text() == before  # nothing re-measured there
+
+
+def test_non_empty_out_needs_resume(quick_bundle: Path, capsys) -> None:
+    assert collect.main([*QUICK, "--out", str(quick_bundle)]) == 2
+    err = capsys.readouterr().err
+    assert "not empty; pass --resume" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--models", "opt-14b"], "unknown model 'opt-14b'"),
+    (["--policies", "lru"], "unknown policy 'lru'"),
+    (["--repeats", "3"], "--repeats must be >= 5"),
+    (["--device", "tpu"], "expected cuda or cpu"),
+    (["--threads", "0"], "--threads must be >= 1"),
+])
+def test_bad_values_fail_in_one_line(argv: list[str], message: str, tmp_path: Path, capsys) -> None:
+    assert collect.main(["--device", "cpu", *argv, "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists()
+
+
+def test_bad_flag_from_the_shell_is_one_line() -> None:
+    result = run_cli("--device", "cpu", "--bogus")
+    assert result.returncode == 2 and "unrecognized arguments: --bogus" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_meta_without_nvml(monkeypatch) -> None:
+    import pynvml
+
+    def missing() -> None:
+        raise pynvml.NVMLError_LibraryNotFound(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+
+    monkeypatch.setattr(pynvml, "nvmlInit", missing)
+    meta = nvml.collect_meta(torch.device("cpu"), {})
+    assert meta["gpu"]["nvml"] == "unavailable (NVMLError_LibraryNotFound)"
+    assert all(meta["gpu"][key] == "unavailable (NVMLError_LibraryNotFound)" for key in nvml.NVML_FIELDS)
+    assert meta["host"]["logical_cores"] >= 1 and meta["device"]["name"].startswith("cpu: ")
+    yaml.safe_dump(meta)  # plain types only
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # not even installed
+    assert nvml.gpu_facts()["pcie_gen_max"].startswith("unavailable (")
+
+
+def test_meta_with_nvml_reads_every_field(monkeypatch) -> None:
+    """A stand-in NVML: every field read; one unsupported query says so instead of raising."""
+    class NotSupported(Exception):
+        pass
+
+    def unsupported(*_: object) -> None:
+        raise NotSupported
+
+    fake = types.SimpleNamespace(
+        NVML_CLOCK_SM=0, NVML_CLOCK_MEM=1, nvmlInit=lambda: None, nvmlShutdown=lambda: None,
+        nvmlDeviceGetHandleByIndex=lambda i: f"gpu{i}", nvmlDeviceGetHandleByUUID=unsupported,
+        nvmlDeviceGetName=lambda h: b"NVIDIA H100 PCIe", nvmlSystemGetDriverVersion=lambda: "550.54",
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(total=80 * 2**30),
+        nvmlSystemGetCudaDriverVersion=lambda: 12040, nvmlDeviceGetCurrPcieLinkGeneration=lambda h: 5,
+        nvmlDeviceGetMaxPcieLinkGeneration=lambda h: 5, nvmlDeviceGetCurrPcieLinkWidth=lambda h: 16,
+        nvmlDeviceGetMaxPcieLinkWidth=lambda h: 16, nvmlDeviceGetClockInfo=lambda h, c: 1755,
+        nvmlDeviceGetMaxClockInfo=unsupported)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    facts = nvml.gpu_facts()
+    assert facts["nvml"] == "ok" and facts["name"] == "NVIDIA H100 PCIe" and facts["memory_gib"] == 80
+    assert facts["pcie_gen_current"] == 5 and facts["pcie_width_max"] == 16
+    assert facts["sm_clock_max_mhz"] == "unavailable (NotSupported)"
+
+
+def test_oom_is_recorded_and_the_sweep_goes_on(monkeypatch) -> None:
+    grid = GRIDS[("cpu", True)]
+    bench = KernelBench(torch.device("cpu"), {"tiny-opt": get_model("tiny-opt")}, grid, repeats=5, warmup=1, seed=0)
+    task = kernel_tasks([get_model("tiny-opt")], "float32", grid)[0]
+    real_time_fn = kernels.time_fn
+
+    def attention_ooms(fn, *args):
+        if fn is ops["attention"]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_time_fn(fn, *args)
+
+    ops = bench.ops(task)
+    monkeypatch.setattr(bench, "ops", lambda t: ops)
+    monkeypatch.setattr(kernels, "time_fn", attention_ooms)
+    status = {row["op"]: row["status"] for row in bench.measure(task)}
+    assert status.pop("attention") == "oom" and set(status.values()) == {"ok"}
+    monkeypatch.setattr(bench, "ops", lambda t: (_ for _ in ()).throw(MemoryError()))
+    assert {row["status"] for row in bench.measure(task)} == {"oom"}
+    monkeypatch.setattr(bench, "ops", lambda t: (_ for _ in ()).throw(ValueError("a bug")))
+    with pytest.raises(ValueError):
+        bench.measure(task)
+
+
+@pytest.mark.parametrize("pattern", ["gathered", "gathered_batch"])
+def test_gather_copies_distinct_rows_of_each_sequence(pattern: str) -> None:
+    """The staging buffer holds the chosen pool rows (batch-strided: equally many from each sequence)."""
+    sweep = TransferSweep(max_bytes=1 << 20, memories=("pageable",), row_bytes=(1024,))
+    bench = TransferBench(torch.device("cpu"), sweep, repeats=5, warmup=1, generator=torch.Generator().manual_seed(0))
+    pool, staging = bench._buffers("pageable")
+    table = pool.view(torch.float32).view(-1, 256)
+    table[:, 0] = torch.arange(table.shape[0], dtype=torch.float32)  # each row carries its number
+    point = TransferPoint("h2d", "pageable", pattern, False, 64 * 1024, 1024)
+    gather, copy = bench._stages(point)
+    gather()
+    copy()
+    chosen = staging[: point.nbytes].view(torch.float32).view(64, 256)[:, 0].long()
+    assert len(set(chosen.tolist())) == 64 and torch.equal(bench._dev[: point.nbytes], staging[: point.nbytes])
+    if pattern == "gathered_batch":
+        seq_rows = table.shape[0] // 8
+        assert torch.bincount(chosen // seq_rows, minlength=8).tolist() == [8] * 8
+    row = bench.measure(point)
+    assert [r["layout"] for r in row] == [pattern, f"{pattern}.gather", f"{pattern}.copy"]
+    bench.close()
+
