@@ -3,8 +3,13 @@
     python -m infinigen_sim.sweep HW_CONFIG [HW_CONFIG ...] [--models ...] [--set KEY=V1,V2] ...
 
 A point is a frozen, picklable `Point` keyed by its parameters (`Point.key`); `simulate_point` turns
-one into one result row and is the unit a process pool (or, later, Ray) runs. A point whose memory
-does not fit is reported with fits=False and a reason, and is not simulated.
+one into one result row. Points run in chunks on an executor (`infinigen_sim.backends`: this process,
+a local process pool with --jobs N, or Ray tasks with --ray [ADDRESS]). A point whose memory does not
+fit is reported with fits=False and a reason, and is not simulated.
+
+Rows are appended to DIR/results.partial.csv as chunks finish; results.csv is written from it, in
+point order, once every point is done, and the partial file removed. After a kill, --resume runs
+only the points without a row there.
 
 results.csv, one row per point: the parameters (hw, each --set key, model, policy, batch_size,
 prompt_len, gen_len), mode, fits, reason, gpu_mem_gib, host_mem_gib, weights_streamed_pct (share of
@@ -19,8 +24,8 @@ import argparse
 import itertools
 import math
 import sys
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator, Sequence
+from contextlib import closing, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,8 @@ import pandas as pd
 import yaml
 from tqdm import tqdm
 
+from infinigen_sim import partial_results
+from infinigen_sim.backends import LOCAL_RAY, BackendError, Executor, chunk_size, chunked, make_executor
 from infinigen_sim.bundle import write_text_atomic
 from infinigen_sim.costs import MemoryPlan, PhysicsCosts, plan_memory
 from infinigen_sim.hardware import HardwareConfig, HardwareError, load_hardware, parse_value, resolve_path
@@ -47,6 +54,7 @@ from infinigen_sim.policies import (
 POLICY_PREFIX = "policy."
 ERROR = "infinigen_sim.sweep: error: "  # every error is this and one line
 MODES = ("fast", "full")
+MAX_CHUNK = {"fast": 250, "full": 4}  # points per task, about a second: a fast point takes 2-7 ms, a full ~0.3 s
 
 
 class SweepInputError(ValueError):
@@ -72,11 +80,17 @@ class SweepOptions:
     """How a sweep runs and where it writes."""
 
     out: str = field(default="results", metadata={"help": "output folder for results.csv and config.yaml"})
-    jobs: int = field(default=1, metadata={"help": "local worker processes"})
+    jobs: int = field(default=1, metadata={
+        "help": "local worker processes; with --ray and no ADDRESS, the local Ray instance's CPUs (1: all)"})
     mode: str = field(default="fast", metadata={
         "help": "fast: a few layers and steps, extrapolated (within 0.5%% of full); full: every event"})
     trace: str | None = field(default=None, metadata={
         "help": "write a Chrome trace (Perfetto) of the first fitting point's full replay to this file"})
+    ray: str | None = field(default=None, metadata={
+        "help": "run the points as Ray tasks, on a new local Ray instance or on the cluster at ADDRESS (auto, "
+                "HOST:6379, ray://HOST:10001); give it after HW_CONFIG; needs pip install 'infinigen-sim[dist]'"})
+    resume: bool = field(default=False, metadata={
+        "help": "finish an interrupted sweep: skip the points already in DIR/results.partial.csv"})
 
 
 @dataclass(frozen=True)
@@ -146,6 +160,7 @@ def scenario_for(point: Point) -> tuple[Scenario | None, MemoryPlan]:
                     point.gen_len, DEFAULT_FETCH_MODEL, plan.streamed_weight_bytes), plan
 
 
+MEMORY_COLUMNS = ["mode", "fits", "reason", "gpu_mem_gib", "host_mem_gib", "weights_streamed_pct"]
 RESULT_COLUMNS = ["prefill_s", "decode_s", "total_s", "tokens_per_s", "speedup_vs_flexgen", "decode_step_ms",
                   *(f"{resource}_busy_pct" for resource in RESOURCES)]  # NaN when the point does not fit
 
@@ -169,21 +184,90 @@ def simulate_point(point: Point) -> dict[str, Any]:
     return {**row, "key": point.key}
 
 
+def row_columns(point: Point) -> list[str]:
+    """The columns of `simulate_point(point)`'s row, in order, known without simulating."""
+    return [*point.params, *MEMORY_COLUMNS, *RESULT_COLUMNS, "bottleneck", "key"]
 
-def run_sweep(points: Sequence[Point], jobs: int = 1, progress: bool = False) -> pd.DataFrame:
-    """Simulate `points` (in a process pool when jobs > 1); one row per point, in point order."""
-    bar = dict(total=len(points), disable=not progress, file=sys.stderr, unit="pt", leave=False)
-    if jobs <= 1:
-        rows = [simulate_point(p) for p in tqdm(points, **bar)]
-    else:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            chunk = max(1, len(points) // (jobs * 16))
-            rows = list(tqdm(pool.map(simulate_point, points, chunksize=chunk), **bar))
-    frame = pd.DataFrame(rows)
-    if frame.empty:
-        return frame
+
+# ---- running ---------------------------------------------------------------------------------
+def iter_rows(points: Sequence[Point], executor: Executor, progress: bool = False,
+              already_done: int = 0) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """Simulate `points` on `executor` in chunks; yields (index of the chunk's first point, its rows) as
+    chunks finish, in any order. The progress bar counts `already_done` points as finished."""
+    if not points:
+        return
+    size = chunk_size(len(points), executor.workers, MAX_CHUNK.get(points[0].mode, MAX_CHUNK["full"]))
+    bar = tqdm(total=already_done + len(points), initial=already_done, disable=not progress, file=sys.stderr,
+               unit="pt", leave=False)
+    with bar, closing(executor.map_chunks(simulate_point, chunked(points, size))) as finished:
+        for index, rows in finished:
+            bar.update(len(rows))
+            yield index * size, rows
+
+
+def run_sweep(points: Sequence[Point], jobs: int = 1, progress: bool = False,
+              executor: Executor | None = None) -> pd.DataFrame:
+    """Simulate `points` on `executor` (default: a process pool when jobs > 1); one row per point, in
+    point order, with speedup_vs_flexgen."""
+    with nullcontext(executor) if executor else make_executor(jobs) as ex:
+        parts = dict(iter_rows(points, ex, progress))
+    frame = pd.DataFrame([row for start in sorted(parts) for row in parts[start]])
+    if not frame.empty:
+        _add_speedup(frame)
+    return frame
+
+
+def run_sweep_to(out_dir: Path, points: Sequence[Point], executor: Executor,
+                 progress: bool = False) -> pd.DataFrame:
+    """Simulate the points without a row in DIR/results.partial.csv, appending each chunk's rows as it
+    finishes; then every point's row read back from that file, in point order, with speedup_vs_flexgen."""
+    path = Path(out_dir) / partial_results.PARTIAL_NAME
+    if not points:
+        return pd.DataFrame()
+    done = partial_results.finished_keys(path)
+    todo = [point for point in points if point.key not in done]
+    columns = row_columns(points[0])
+    for _, rows in iter_rows(todo, executor, progress, len(points) - len(todo)):
+        partial_results.append_rows(path, rows, columns)
+    frame = partial_results.read_rows(path, [point.key for point in points])
     _add_speedup(frame)
     return frame
+
+
+def check_resume(out_dir: Path, points: Sequence[Point], config: dict[str, Any], resume: bool) -> int:
+    """How many of `points` DIR/results.partial.csv already holds; SweepInputError when that file is
+    there without --resume, or was written by another sweep (other columns, hardware, policies or mode)."""
+    path = Path(out_dir) / partial_results.PARTIAL_NAME
+    if not path.exists():
+        return 0
+    if not resume:
+        raise SweepInputError(f"{path} exists (an interrupted sweep): add --resume to finish it, "
+                              f"or choose a new --out")
+    done = partial_results.finished_keys(path)
+    found = partial_results.header(path)
+    if found and points and found != row_columns(points[0]):
+        raise SweepInputError(f"--resume: {path} has other columns than this sweep; choose a new --out")
+    conflict = _config_conflict(Path(out_dir) / "config.yaml", config)
+    if conflict:
+        raise SweepInputError(f"--resume: {out_dir / 'config.yaml'} has another {conflict} than this sweep; "
+                              f"rerun with the same config files and arguments, or choose a new --out")
+    return sum(point.key in done for point in points)
+
+
+def _config_conflict(path: Path, config: dict[str, Any]) -> str | None:
+    """What in the earlier run's config.yaml would give its rows other numbers than this run's; None when nothing."""
+    if not path.exists():
+        return None
+    old = yaml.safe_load(path.read_text()) or {}
+    new = yaml.safe_load(yaml.safe_dump(config, sort_keys=False))  # tuples -> lists, as the file holds them
+    for key in ("version", "mode", "fetch_model"):
+        if old.get(key) != new.get(key):
+            return f"'{key}'"
+    for key in ("hardware", "policies"):
+        for name in old.get(key, {}).keys() & new.get(key, {}).keys():
+            if old[key][name] != new[key][name]:
+                return f"'{key}: {name}'"
+    return None
 
 
 def _add_speedup(frame: pd.DataFrame) -> None:
@@ -305,6 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["type"] = int
         if f.name == "mode":
             kwargs["choices"] = MODES
+        if f.name == "ray":  # --ray alone: a local instance; give it after HW_CONFIG, or as --ray=ADDRESS
+            kwargs.update(nargs="?", const=LOCAL_RAY, metavar="ADDRESS", help=f.metadata["help"])
+        if f.name == "resume":
+            kwargs.update(action="store_true", help=f.metadata["help"])
         parser.add_argument(f"--{f.name}", **kwargs)
     return parser
 
@@ -360,16 +448,11 @@ def _setting_value(key: str, value: Any) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    out_dir = Path(args.out)
     try:
-        grid = SweepGrid(models=_name_list("--models", args.models),
-                         policies=tuple(parse_policy_name(p).value for p in _name_list("--policies", args.policies)),
-                         batch_sizes=_int_list("--batch-sizes", args.batch_sizes),
-                         prompt_lens=_int_list("--prompt-lens", args.prompt_lens),
-                         gen_lens=_int_list("--gen-lens", args.gen_lens))
-        if args.jobs < 1:
-            raise SweepInputError(f"--jobs: expected a positive whole number, got {args.jobs}")
-        settings = parse_settings(args.set)
-        points = expand_points(args.hw_configs, grid, settings, args.mode)
+        grid, settings, points = _parse_sweep(args)
+        config = resolved_config(args.hw_configs, grid, settings, points, args.mode)
+        done = check_resume(out_dir, points, config, args.resume)
     except (SweepInputError, HardwareError, PolicyError, UnknownModelError) as exc:
         flag = "--models: " if isinstance(exc, UnknownModelError) else ""
         flag = "--policies: " if isinstance(exc, PolicyError) and "unknown policy" in str(exc) else flag
@@ -378,18 +461,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     if POLICY_PREFIX + "alpha" in settings:
         print(f"note: policy.alpha does not change simulated fetch counts; they come from the fetch model "
               f"({DEFAULT_FETCH_MODEL.source})", file=sys.stderr)
-    frame = run_sweep(points, args.jobs, progress=len(points) >= 50 and sys.stderr.isatty())
-    out_dir = Path(args.out)
+    if done:
+        print(f"resuming: {done} of {len(points)} points already in {out_dir / partial_results.PARTIAL_NAME}",
+              file=sys.stderr)
     try:
-        write_outputs(out_dir, frame, resolved_config(args.hw_configs, grid, settings, points, args.mode))
+        frame = _run(args, out_dir, points, config)
         if args.trace:
             _write_trace(Path(args.trace), points)
+    except BackendError as exc:
+        print(f"{ERROR}{exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"{ERROR}cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"interrupted: finished points are in {out_dir / partial_results.PARTIAL_NAME}; "
+              f"rerun with --resume to finish", file=sys.stderr)
+        return 130
     print(summary_table(frame))
     print(f"\nwrote {out_dir / 'results.csv'} ({len(frame)} points) and {out_dir / 'config.yaml'}")
     return 0
+
+
+def _run(args: argparse.Namespace, out_dir: Path, points: Sequence[Point], config: dict[str, Any]) -> pd.DataFrame:
+    """Start the executor, run what is left, write results.csv and config.yaml, drop the partial file."""
+    with make_executor(args.jobs, args.ray) as executor:
+        write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))  # before any row
+        frame = run_sweep_to(out_dir, points, executor, progress=len(points) >= 50 and sys.stderr.isatty())
+    write_outputs(out_dir, frame, config)
+    (out_dir / partial_results.PARTIAL_NAME).unlink(missing_ok=True)
+    return frame
+
+
+def _parse_sweep(args: argparse.Namespace) -> tuple[SweepGrid, dict[str, tuple[Any, ...]], list[Point]]:
+    """The grid, the --set values and the points the command line asks for; SweepInputError and the
+    loaders' errors name the flag."""
+    grid = SweepGrid(models=_name_list("--models", args.models),
+                     policies=tuple(parse_policy_name(p).value for p in _name_list("--policies", args.policies)),
+                     batch_sizes=_int_list("--batch-sizes", args.batch_sizes),
+                     prompt_lens=_int_list("--prompt-lens", args.prompt_lens),
+                     gen_lens=_int_list("--gen-lens", args.gen_lens))
+    if args.jobs < 1:
+        raise SweepInputError(f"--jobs: expected a positive whole number, got {args.jobs}")
+    settings = parse_settings(args.set)
+    return grid, settings, expand_points(args.hw_configs, grid, settings, args.mode)
 
 
 def _write_trace(path: Path, points: Sequence[Point]) -> None:
