@@ -91,6 +91,8 @@ class SweepOptions:
                 "HOST:6379, ray://HOST:10001); give it after HW_CONFIG; needs pip install 'infinigen-sim[dist]'"})
     resume: bool = field(default=False, metadata={
         "help": "finish an interrupted sweep: skip the points already in DIR/results.partial.csv"})
+    report: bool = field(default=False, metadata={
+        "help": "also write the capacity-planning report (DIR/report/report.html and report.md)"})
 
 
 @dataclass(frozen=True)
@@ -391,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["choices"] = MODES
         if f.name == "ray":  # --ray alone: a local instance; give it after HW_CONFIG, or as --ray=ADDRESS
             kwargs.update(nargs="?", const=LOCAL_RAY, metavar="ADDRESS", help=f.metadata["help"])
-        if f.name == "resume":
+        if f.name in ("resume", "report"):
             kwargs.update(action="store_true", help=f.metadata["help"])
         parser.add_argument(f"--{f.name}", **kwargs)
     return parser
@@ -480,6 +482,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     print(summary_table(frame))
     print(f"\nwrote {out_dir / 'results.csv'} ({len(frame)} points) and {out_dir / 'config.yaml'}")
+    if args.report:
+        from infinigen_sim.report import ReportError, write_report  # floor 5: reached from the entry point only
+
+        try:
+            print(f"wrote {write_report(out_dir, out_dir / 'report')}")
+        except (ReportError, ValueError) as exc:
+            print(f"{ERROR}--report: {exc}".replace("\n", " "), file=sys.stderr)
+            return 2
     return 0
 
 
