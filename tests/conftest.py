@@ -72,3 +72,14 @@ def replay_prefill(sc: Scenario) -> tuple[list[tuple[str, float]], float]:
 @pytest.fixture(scope="session")
 def a100() -> HardwareConfig:
     return load_hardware("a100_pcie4")
+
+
+@pytest.fixture
+def one_intra_op_thread():
+    """Tiny ops under a loaded 2-core box: OpenMP barriers dominate; one thread keeps tests fast."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

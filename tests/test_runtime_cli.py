@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from infinigen_sim.policies import ALL_POLICIES
 from profiler.run import main
@@ -18,13 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--prompt-len", "48", "--gen-len", "4", "--warmup", "0"]
 
 
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    """Tiny ops under a loaded 2-core box: OpenMP barriers dominate; one thread keeps tests fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from runtime_helpers import prompt_ids, run_with_reference
 
 from infinigen_sim.models import get_model
 from infinigen_sim.policies import infinigen_cap, infinigen_fetch_count, make_policy
@@ -18,25 +19,10 @@ from profiler.runtime.skew import FoldedSkew, RotarySkew, apply_skew, count_abov
 FAMILIES = ["tiny-opt", "tiny-llama-gqa"]
 
 
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    """Tiny ops under a loaded 2-core box: OpenMP barriers dominate; one thread keeps tests fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
-def prompt_ids(spec, batch=2, length=40, seed=0):
-    return torch.randint(0, spec.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
 
-
-def compare(spec, policy, prompt, gen_len=8):
-    """(policy result, ideal result teacher-forced on the policy's tokens)."""
-    with Engine(spec, policy, "cpu", seed=0) as engine, Engine(spec, make_policy("ideal"), "cpu", seed=0) as ref:
-        result = engine.generate(prompt, gen_len, keep_logits=True)
-        reference = ref.generate(prompt, gen_len, forced=result.tokens, keep_logits=True)
-    return result, reference
 
 
 def test_skew_folding_leaves_every_layer_attention_unchanged():
@@ -91,7 +77,7 @@ def test_rotary_skew_with_all_columns_reproduces_the_scores():
 def test_unlimited_budget_equals_full_attention(name, overlap):
     spec = get_model(name)
     policy = make_policy("infinigen", alpha=math.inf, max_fetch_ratio=1.0, overlap=overlap)
-    result, reference = compare(spec, policy, prompt_ids(spec))
+    result, reference, _ = run_with_reference(spec, policy, prompt_ids(spec))
     assert (result.logits.argmax(-1) == reference.logits.argmax(-1)).all()
     torch.testing.assert_close(result.logits, reference.logits, rtol=0, atol=1e-4)
     for step in result.steps:
@@ -102,7 +88,7 @@ def test_unlimited_budget_equals_full_attention(name, overlap):
 def test_fetch_counts_respect_the_cap_and_full_layers(name):
     spec = get_model(name)
     policy = make_policy("infinigen", alpha=1.0, max_fetch_ratio=0.25)
-    result, _ = compare(spec, policy, prompt_ids(spec, length=64), gen_len=10)
+    result, _, _ = run_with_reference(spec, policy, prompt_ids(spec, length=64), gen_len=10)
     for step in result.steps:
         n = step.context_len
         assert step.fetched[: policy.full_fetch_layers] == [n] * policy.full_fetch_layers

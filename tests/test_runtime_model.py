@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from runtime_helpers import prompt_ids
 
 from infinigen_sim.models import get_model
 from infinigen_sim.policies import make_policy
@@ -27,24 +28,15 @@ from profiler.runtime.skew import speculation_scores
 FAMILIES = ["tiny-opt", "tiny-llama-gqa"]
 
 
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    """Tiny ops under a loaded 2-core box: OpenMP barriers dominate; one thread keeps tests fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
-
-def prompt_ids(spec, batch=2, length=24, seed=0):
-    return torch.randint(0, spec.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_ideal_engine_matches_full_forward(name):
     spec = get_model(name)
     with Engine(spec, make_policy("ideal"), "cpu", seed=1) as engine:
-        prompt = prompt_ids(spec)
+        prompt = prompt_ids(spec, length=24)
         result = engine.generate(prompt, 6, keep_logits=True)
         sequence = torch.cat([prompt, result.tokens[:, :-1]], dim=1)
         full = engine.model(sequence)[:, prompt.shape[1] - 1 :]  # (B, gen_len, vocab)

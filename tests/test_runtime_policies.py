@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from runtime_helpers import prompt_ids, run_with_reference
 
 from infinigen_sim.models import get_model
 from infinigen_sim.policies import h2o_budget, make_policy
@@ -14,25 +15,10 @@ from profiler.runtime.model import build_model
 from profiler.runtime.ops import decode_ops
 from profiler.runtime.quant import dequantize, quantize
 
-
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    """Tiny ops under a loaded 2-core box: OpenMP barriers dominate; one thread keeps tests fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
-def prompt_ids(spec, batch=2, length=40, seed=0):
-    return torch.randint(0, spec.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
 
-
-def run(spec, policy, prompt, gen_len=8):
-    with Engine(spec, policy, "cpu", seed=0) as engine, Engine(spec, make_policy("ideal"), "cpu", seed=0) as ref:
-        result = engine.generate(prompt, gen_len, keep_logits=True)
-        reference = ref.generate(prompt, gen_len, forced=result.tokens, keep_logits=True)
-        return result, reference, engine.cache
 
 
 @pytest.mark.parametrize("bits", [4, 2, 8])
@@ -52,7 +38,7 @@ def test_quantisation_error_within_the_bound(bits, n):
 
 def test_int4_packs_two_codes_per_byte_and_runs_end_to_end():
     spec = get_model("tiny-opt")
-    result, reference, cache = run(spec, make_policy("int4"), prompt_ids(spec))
+    result, reference, cache = run_with_reference(spec, make_policy("int4"), prompt_ids(spec))
     assert cache.host[0].t[0].dtype == torch.uint8 and cache.host[0].t[0].shape[-1] == spec.kv_dim // 2
     assert (result.logits - reference.logits).abs().max() < 0.2
     assert all(s.fetched == [s.context_len] * spec.n_layers for s in result.steps)
@@ -64,7 +50,7 @@ def test_int4_packs_two_codes_per_byte_and_runs_end_to_end():
 @pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama-gqa"])
 def test_flexgen_is_exact(name, overlap):
     spec = get_model(name)
-    result, reference, _ = run(spec, make_policy("flexgen", overlap=overlap), prompt_ids(spec))
+    result, reference, _ = run_with_reference(spec, make_policy("flexgen", overlap=overlap), prompt_ids(spec))
     torch.testing.assert_close(result.logits, reference.logits, rtol=0, atol=1e-5)
     assert all(s.fetched == [s.context_len] * spec.n_layers for s in result.steps)
 
@@ -75,7 +61,7 @@ def test_h2o_never_exceeds_its_budget(name):
     policy = make_policy("h2o", heavy_ratio=0.15, recent_ratio=0.1)
     prompt = prompt_ids(spec, length=40)
     heavy, recent = h2o_budget(policy, 40)
-    result, _, cache = run(spec, policy, prompt, gen_len=12)
+    result, _, cache = run_with_reference(spec, policy, prompt, gen_len=12)
     budget = heavy + recent
     for step in result.steps:
         assert all(rows == min(step.context_len, budget) for rows in step.fetched)
