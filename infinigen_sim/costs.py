@@ -16,6 +16,10 @@ Op names are the runtime's phases (`profiler.runtime`):
   topk        InfiniGen: threshold (max - alpha) and select over the speculated scores
   quantize    INT4: group-wise 4-bit quantisation of `n_tokens` K/V rows
   dequantize  INT4: back to FP16 for `n_tokens` K/V rows
+Runtime-only ops, priced only by a cost model that measured them (`measured_ops`; the replay leaves
+them out otherwise, so physics sweeps are unchanged):
+  skew        InfiniGen prefill: skewing matrices, folded weights and the partial K cache of a layer
+  score       H2O: accumulated attention of the prompt (prefill), the per-step score update (decode)
 Arguments, for the whole batch of `batch` sequences: `n_tokens` = tokens each sequence pushes through
 the op (1 in decode, the prompt in prefill; rows converted for quantize/dequantize); `kv_len` = cached
 tokens each sequence's attention/speculation reads, the new ones included.
@@ -33,6 +37,7 @@ from infinigen_sim.models import ModelSpec
 from infinigen_sim.policies import PolicyConfig, PolicyName, kv_memory
 
 OPS = ("embed", "norm", "qkv", "attention", "ffn", "lm_head", "speculate", "topk", "quantize", "dequantize")
+RUNTIME_OPS = ("skew", "score")  # priced only from measurements; see the module docstring
 GIB = 2**30
 INT4_BYTES = 0.5  # one 4-bit code per K/V element
 
@@ -110,6 +115,12 @@ def _work_table(model: ModelSpec, batch: int, n_tokens: int, kv_len: int, partia
         "topk": lambda: OpWork(float(scores), scores * by + batch * kv_len * 4.0),
         "quantize": lambda: OpWork(4.0 * elems, elems * (by + INT4_BYTES)),
         "dequantize": lambda: OpWork(2.0 * elems, elems * (by + INT4_BYTES)),
+        # rough shapes for extrapolating measured rows: Q^T Q and a K projection per token; scores
+        "skew": lambda: OpWork(2.0 * rows * (model.n_heads * model.head_dim ** 2 + d * kv),
+                               (d * (d + kv) + rows * d) * by),
+        "score": lambda: OpWork(
+            2.0 * model.n_heads * model.head_dim * batch * _causal_pairs(n_tokens, kv_len) + scores,
+            (batch * kv_len * kv + scores) * by),
     }
 
 
@@ -118,7 +129,7 @@ def op_work(op: str, model: ModelSpec, batch: int, n_tokens: int, kv_len: int,
     """FLOPs and HBM bytes of `op` (see the module docstring for the arguments)."""
     table = _work_table(model, batch, n_tokens, kv_len, partial_ratio, dtype_bytes)
     if op not in table:
-        raise CostError(f"unknown op '{op}'; known: {', '.join(OPS)}")
+        raise CostError(f"unknown op '{op}'; known: {', '.join(OPS + RUNTIME_OPS)}")
     return table[op]()
 
 

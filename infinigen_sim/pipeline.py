@@ -13,6 +13,12 @@ Simultaneous events: SimPy runs events due at the same time in the order they we
 each resource grants requests in request order, so ties resolve in program order: a layer
 requests its weight load before its K/V fetch, and the compute stream runs kernels as issued.
 
+Placement (`Placement`): on a GPU box the copies run on their own copy engines and the gather on a
+host thread, as above. The runtime's CPU mode (`CPU_PLACEMENT`) has no copy engines: the copy
+worker thread runs the gathers and the host->"device" copies (one FIFO resource, `host_cpu`), and
+device->host copies run inline on the compute thread (`gpu`) in program order: the indices after
+top-k, the new token's K/V after QKV, each prefill layer's K/V store before its attention.
+
 All times are seconds. State lives in a `Machine` (the environment and its resources); a run is
 deterministic. `simulate_full` replays every layer of every step; `simulate_fast` replays a few
 layers of a few steps and extrapolates (see "fast mode" below).
@@ -50,6 +56,20 @@ PREFILL = -1  # step id of the prefill in logs and traces
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where copies run: own copy engines (a GPU box) or the compute and worker threads (CPU runtime)."""
+
+    h2d: str = "h2d_link"  # resource that runs host->device copies
+    gather: str = "host_cpu"  # resource that runs the host gather
+    d2h_inline: bool = False  # device->host copies run on `gpu`, in program order
+    handoff: bool = False  # each job handed to the copy worker costs both threads `costs.handoff_s()`
+
+
+GPU_PLACEMENT = Placement()
+CPU_PLACEMENT = Placement(h2d="host_cpu", gather="host_cpu", d2h_inline=True, handoff=True)
+
+
+@dataclass(frozen=True)
 class Scenario:
     """One point to replay: costs, model, policy and the shape of the request."""
 
@@ -61,6 +81,8 @@ class Scenario:
     gen_len: int  # tokens generated; prefill emits the first, gen_len - 1 decode steps the rest
     fetch_model: FetchModel = DEFAULT_FETCH_MODEL
     streamed_weight_bytes: float = 0.0  # per layer, copied host->GPU every step (weights that do not fit)
+    dtype_bytes: int = 2  # bytes per K/V element before the policy's own encoding (fp32 on the CPU runtime: 4)
+    placement: Placement = GPU_PLACEMENT
 
     @property
     def n_decode_steps(self) -> int:
@@ -124,6 +146,8 @@ class LayerTimes(NamedTuple):
     fetch: float
     writeback: float
     weights: float
+    score: float = 0.0  # H2O: the step's score update after attention (when the cost model measured it)
+    handoff: float = 0.0  # CPU runtime: one job handed to the copy worker (its GIL-holding Python)
 
 
 def layer_times(sc: Scenario, work: LayerWork, context_len: int) -> LayerTimes:
@@ -145,7 +169,17 @@ def layer_times(sc: Scenario, work: LayerWork, context_len: int) -> LayerTimes:
         fetch=cost.h2d_s(work.fetch_bytes, work.gathered),
         writeback=cost.d2h_s(work.writeback_bytes),
         weights=cost.h2d_s(sc.streamed_weight_bytes, False),
+        score=cost.compute_s("score", model, batch, 1, work.attend_tokens)
+        if sc.policy.name is PolicyName.H2O and measured_op(sc, "score") else 0.0,
+        handoff=_handoff_s(sc) if work.writeback_bytes > 0 else 0.0,
     )
+
+
+def _handoff_s(sc: Scenario) -> float:
+    """Seconds one copy-worker job costs each thread (0 unless the placement hands jobs over and the
+    cost model prices it: `handoff_s()` is optional in a CostModel)."""
+    price = getattr(sc.costs, "handoff_s", None)
+    return float(price()) if sc.placement.handoff and price is not None else 0.0
 
 
 OpList = list[tuple[str, int, float]]  # (op name, layer, seconds), run back to back on one resource
@@ -158,6 +192,7 @@ class Machine:
         self.sc = sc
         self.env = simpy.Environment()
         self.resources = {name: simpy.Resource(self.env, capacity=1) for name in RESOURCES}
+        self.h2d, self.gather = sc.placement.h2d, sc.placement.gather
         self.recorder = recorder if recorder is not None else Recorder()
         self.layer_start_s: list[float] = []  # when each layer began, in replay order
         self._times: dict[tuple[LayerWork, int], LayerTimes] = {}
@@ -197,19 +232,21 @@ class StepState:
 # ---- processes -------------------------------------------------------------------------------
 def load_weights(m: Machine, step: int, layer: int, seconds: float) -> Generator:
     """Copy the streamed share of `layer`'s weights host->GPU."""
-    yield from m.hold("h2d_link", [("load_weights", layer, seconds)], step)
+    yield from m.hold(m.h2d, [("load_weights", layer, seconds)], step)
 
 
 def prefetch(m: Machine, st: StepState, layer: int, t: LayerTimes) -> Generator:
     """Copy `layer`'s K/V rows host->GPU; InfiniGen first sends indices down and gathers the rows."""
     work = st.layers[layer]
-    if work.gathered:
+    if work.gathered and not m.sc.placement.d2h_inline:  # inline: sent on the compute stream already
         yield from m.hold("d2h_link", [("indices", layer, t.indices)], st.step)
     if st.prev_writes and st.prev_writes[layer] is not None:
         yield st.prev_writes[layer]  # the host copy must hold last step's token before it is read
+    ops: OpList = [("job", layer, t.handoff)] if t.handoff else []  # the job's own Python, on the worker
     if work.gathered:
-        yield from m.hold("host_cpu", [("gather", layer, t.gather)], st.step)
-    yield from m.hold("h2d_link", [("fetch_kv", layer, t.fetch)], st.step)
+        yield from m.hold(m.gather, [*ops, ("gather", layer, t.gather)], st.step)
+        ops = []
+    yield from m.hold(m.h2d, [*ops, ("fetch_kv", layer, t.fetch)], st.step)
 
 
 def write_back(m: Machine, step: int, layer: int, seconds: float) -> Generator:
@@ -231,6 +268,8 @@ def issue_fetch(m: Machine, st: StepState, layer: int, gpu_ops: OpList) -> Gener
         return gpu_ops
     if work.speculate:
         spec = [("speculate", layer, t.speculate), ("topk", layer, t.topk)]
+        if m.sc.placement.d2h_inline:  # the chosen indices go to the host before the next kernel
+            spec.append(("indices", layer, t.indices))
         yield from m.hold("gpu", gpu_ops + spec, st.step)
         gpu_ops = []
     st.kv_ready[layer] = m.env.process(prefetch(m, st, layer, t))
@@ -255,13 +294,18 @@ def decode_layer(m: Machine, st: StepState, layer: int) -> Generator:
     gpu_ops.append(("qkv", layer, t.qkv))
     if t.quantize:
         gpu_ops.append(("quantize", layer, t.quantize))
+    if work.writeback_bytes > 0 and m.sc.placement.d2h_inline:  # the compute thread copies it itself
+        gpu_ops.append(("writeback_kv", layer, t.writeback))
+    if t.handoff:  # this layer's fetch and commit jobs hold the GIL while the compute thread waits for it
+        gpu_ops.append(("handoff", layer, 2 * t.handoff))
     yield from m.hold("gpu", gpu_ops, st.step)
-    if work.writeback_bytes > 0:
+    if work.writeback_bytes > 0 and not m.sc.placement.d2h_inline:
         st.written[layer] = m.env.process(write_back(m, st.step, layer, t.writeback))
     if st.kv_ready[layer] is not None:
         yield st.kv_ready[layer]
     tail = [("dequantize", layer, t.dequantize)] if t.dequantize else []
-    tail += [("attention", layer, t.attention), ("norm", layer, t.norm), ("ffn", layer, t.ffn)]
+    tail += [("attention", layer, t.attention)] + ([("score", layer, t.score)] if t.score else [])
+    tail += [("norm", layer, t.norm), ("ffn", layer, t.ffn)]
     yield from m.hold("gpu", tail, st.step)
 
 
@@ -291,14 +335,24 @@ class PrefillTimes(NamedTuple):
     head: list[tuple[str, float]]  # final norm and LM head (the first new token)
 
 
+def measured_op(sc: Scenario, op: str) -> bool:
+    """Whether the cost model prices runtime-only op `op` (costs.RUNTIME_OPS; optional in a CostModel)."""
+    prices = getattr(sc.costs, "measured_ops", None)
+    return prices is not None and op in prices()
+
+
 def prefill_times(sc: Scenario) -> PrefillTimes:
     """Durations of the prefill of `sc`."""
     cost, model, batch, prompt, policy = sc.costs, sc.model, sc.batch, sc.prompt_len, sc.policy
     norm = cost.compute_s("norm", model, batch, prompt, 0)
     before = [("norm", norm), ("qkv", cost.compute_s("qkv", model, batch, prompt, 0))]
-    if policy.name is PolicyName.INFINIGEN:  # the prompt's partial K cache: a partial projection per token
+    if policy.name is PolicyName.INFINIGEN and measured_op(sc, "skew"):  # as the runtime measured it
+        before.append(("skew", cost.compute_s("skew", model, batch, prompt, 0)))
+    elif policy.name is PolicyName.INFINIGEN:  # the prompt's partial K cache: a partial projection per token
         before.append(("speculate", cost.compute_s("speculate", model, batch, prompt, 0,
                                                    partial_ratio=policy.partial_ratio)))
+    if policy.name is PolicyName.H2O and measured_op(sc, "score"):  # the prompt's accumulated attention
+        before.append(("score", cost.compute_s("score", model, batch, prompt, prompt)))
     if policy.name is PolicyName.INT4:
         before.append(("quantize", cost.compute_s("quantize", model, batch, prompt, 0)))
     stored = prompt if policy.offloaded else 0
@@ -309,7 +363,7 @@ def prefill_times(sc: Scenario) -> PrefillTimes:
         before_store=before,
         after_store=[("attention", cost.compute_s("attention", model, batch, prompt, prompt)),
                      ("norm", norm), ("ffn", cost.compute_s("ffn", model, batch, prompt, 0))],
-        store=cost.d2h_s(batch * stored * stored_bytes_per_token(policy, model)),
+        store=cost.d2h_s(batch * stored * stored_bytes_per_token(policy, model, sc.dtype_bytes)),
         weights=cost.h2d_s(sc.streamed_weight_bytes, False),
         head=[("norm", cost.compute_s("norm", model, batch, 1, 0)),
               ("lm_head", cost.compute_s("lm_head", model, batch, 1, 0))],
@@ -335,8 +389,11 @@ def prefill(m: Machine, n_layers: int) -> Generator:
         for event in (weights[layer], stores[layer - 2] if layer >= 2 else None):  # two staging buffers
             if event is not None:
                 yield event
-        yield from m.hold("gpu", [(op, layer, s) for op, s in t.before_store], PREFILL)
-        if t.store > 0:
+        before = [(op, layer, s) for op, s in t.before_store]
+        if t.store > 0 and m.sc.placement.d2h_inline:  # the compute thread stores it before attending
+            before.append(("store_kv", layer, t.store))
+        yield from m.hold("gpu", before, PREFILL)
+        if t.store > 0 and not m.sc.placement.d2h_inline:
             stores[layer] = m.env.process(store_kv(m, layer, t.store))
             if not overlap:  # copy and compute serialise
                 yield stores[layer]
@@ -355,7 +412,8 @@ def generate(m: Machine, marks: dict[int, float]) -> Generator:
     prev_writes = None
     for step in range(sc.n_decode_steps):
         context = sc.prompt_len + step
-        layers = [layer_work(sc.policy, sc.model, layer, sc.batch, context, sc.prompt_len, sc.fetch_model)
+        layers = [layer_work(sc.policy, sc.model, layer, sc.batch, context, sc.prompt_len, sc.fetch_model,
+                             sc.dtype_bytes)
                   for layer in range(sc.model.n_layers)]
         st = StepState(step, layers, context, prev_writes)
         yield from decode_step(m, st)
@@ -430,7 +488,8 @@ def layer_runs(sc: Scenario, context_len: int) -> list[tuple[LayerWork, int]]:
     """The layers of one decode step as (work, consecutive layers with it)."""
     runs: list[tuple[LayerWork, int]] = []
     for first, count in _layer_bounds(sc):
-        work = layer_work(sc.policy, sc.model, first, sc.batch, context_len, sc.prompt_len, sc.fetch_model)
+        work = layer_work(sc.policy, sc.model, first, sc.batch, context_len, sc.prompt_len, sc.fetch_model,
+                          sc.dtype_bytes)
         if runs and runs[-1][0] == work:
             runs[-1] = (work, runs[-1][1] + count)
         else:

@@ -36,7 +36,14 @@ from tqdm import tqdm
 
 from infinigen_sim import partial_results
 from infinigen_sim.backends import LOCAL_RAY, BackendError, Executor, chunk_size, chunked, make_executor
-from infinigen_sim.bundle import write_text_atomic
+from infinigen_sim.bundle import BundleError, write_text_atomic
+from infinigen_sim.calibrate import (
+    CalibrationError,
+    calibration_columns,
+    load_calibration,
+    point_costs,
+    point_fetch_model,
+)
 from infinigen_sim.costs import MemoryPlan, PhysicsCosts, plan_memory
 from infinigen_sim.hardware import HardwareConfig, HardwareError, load_hardware, parse_value, resolve_path
 from infinigen_sim.models import UnknownModelError, get_model
@@ -89,6 +96,9 @@ class SweepOptions:
     ray: str | None = field(default=None, metadata={
         "help": "run the points as Ray tasks, on a new local Ray instance or on the cluster at ADDRESS (auto, "
                 "HOST:6379, ray://HOST:10001); give it after HW_CONFIG; needs pip install 'infinigen-sim[dist]'"})
+    profile: str | None = field(default=None, metadata={
+        "help": "profile bundle folder (python -m profiler.collect): op and copy times from its measurements, "
+                "scaled by physics to other cards; adds columns calibration and extrapolated"})
     resume: bool = field(default=False, metadata={
         "help": "finish an interrupted sweep: skip the points already in DIR/results.partial.csv"})
     report: bool = field(default=False, metadata={
@@ -107,6 +117,7 @@ class Point:
     gen_len: int  # tokens
     settings: tuple[tuple[str, Any], ...] = ()  # the --set values, (dotted key, value)
     mode: str = "fast"
+    profile: str | None = None  # profile bundle folder: costs from its measurements (a path keeps Point picklable)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -123,7 +134,8 @@ class Point:
 
 # ---- points ----------------------------------------------------------------------------------
 def expand_points(hw_configs: Sequence[str | Path], grid: SweepGrid,
-                  settings: dict[str, tuple[Any, ...]] | None = None, mode: str = "fast") -> list[Point]:
+                  settings: dict[str, tuple[Any, ...]] | None = None, mode: str = "fast",
+                  profile: str | None = None) -> list[Point]:
     """Every point of the grid; each --set key with several values is one more axis."""
     settings = settings or {}
     for name in grid.models:
@@ -138,7 +150,7 @@ def expand_points(hw_configs: Sequence[str | Path], grid: SweepGrid,
                 chosen = tuple(zip(hw_keys + policy_keys, hw_values + policy_values, strict=True))
                 params = {k[len(POLICY_PREFIX):]: v for k, v in zip(policy_keys, policy_values, strict=True)}
                 policies = [_policy(name, params) for name in grid.policies]
-                points += [Point(hw, model, policy, batch, prompt, gen, chosen, mode)
+                points += [Point(hw, model, policy, batch, prompt, gen, chosen, mode, profile)
                            for model in grid.models for prompt in grid.prompt_lens
                            for batch in grid.batch_sizes for gen in grid.gen_lens for policy in policies]
     return points
@@ -158,11 +170,14 @@ def scenario_for(point: Point) -> tuple[Scenario | None, MemoryPlan]:
     plan = plan_memory(point.hw, model, point.policy, point.batch_size, point.prompt_len, point.gen_len)
     if not plan.fits:
         return None, plan
-    return Scenario(PhysicsCosts(point.hw), model, point.policy, point.batch_size, point.prompt_len,
-                    point.gen_len, DEFAULT_FETCH_MODEL, plan.streamed_weight_bytes), plan
+    costs = point_costs(point.profile, point.hw, point.policy, model)
+    fetch_model = point_fetch_model(point.profile, model, DEFAULT_FETCH_MODEL)
+    return Scenario(costs, model, point.policy, point.batch_size, point.prompt_len,
+                    point.gen_len, fetch_model, plan.streamed_weight_bytes), plan
 
 
 MEMORY_COLUMNS = ["mode", "fits", "reason", "gpu_mem_gib", "host_mem_gib", "weights_streamed_pct"]
+CALIBRATION_COLUMNS = ["calibration", "extrapolated"]  # with --profile only
 RESULT_COLUMNS = ["prefill_s", "decode_s", "total_s", "tokens_per_s", "speedup_vs_flexgen", "decode_step_ms",
                   *(f"{resource}_busy_pct" for resource in RESOURCES)]  # NaN when the point does not fit
 
@@ -175,9 +190,13 @@ def simulate_point(point: Point) -> dict[str, Any]:
                            "gpu_mem_gib": round(plan.gpu_gib, 3), "host_mem_gib": round(plan.host_gib, 3),
                            "weights_streamed_pct": round(100 * plan.streamed_weight_bytes / layer_bytes, 2)}
     row.update(dict.fromkeys(RESULT_COLUMNS, math.nan), bottleneck="")
+    if point.profile is not None:
+        row.update(calibration="", extrapolated=False)
     if sc is None:
         return {**row, "key": point.key}
     res = simulate(sc, point.mode)
+    if point.profile is not None:
+        row.update(calibration_columns(sc.costs))  # read after the replay: which lookups left the grid
     row.update(prefill_s=res.prefill_s, decode_s=res.decode_s, total_s=res.total_s,
                tokens_per_s=point.batch_size * point.gen_len / res.total_s,
                decode_step_ms=1e3 * res.step_s, bottleneck=res.bottleneck)
@@ -188,7 +207,8 @@ def simulate_point(point: Point) -> dict[str, Any]:
 
 def row_columns(point: Point) -> list[str]:
     """The columns of `simulate_point(point)`'s row, in order, known without simulating."""
-    return [*point.params, *MEMORY_COLUMNS, *RESULT_COLUMNS, "bottleneck", "key"]
+    extra = CALIBRATION_COLUMNS if point.profile is not None else []
+    return [*point.params, *MEMORY_COLUMNS, *RESULT_COLUMNS, "bottleneck", *extra, "key"]
 
 
 # ---- running ---------------------------------------------------------------------------------
@@ -262,7 +282,7 @@ def _config_conflict(path: Path, config: dict[str, Any]) -> str | None:
         return None
     old = yaml.safe_load(path.read_text()) or {}
     new = yaml.safe_load(yaml.safe_dump(config, sort_keys=False))  # tuples -> lists, as the file holds them
-    for key in ("version", "mode", "fetch_model"):
+    for key in ("version", "mode", "fetch_model", "costs"):
         if old.get(key) != new.get(key):
             return f"'{key}'"
     for key in ("hardware", "policies"):
@@ -348,10 +368,21 @@ def resolved_config(hw_configs: Sequence[str], grid: SweepGrid, settings: dict[s
         "hardware": hardware,
         "policies": policies,
         "fetch_model": {**asdict(DEFAULT_FETCH_MODEL), "groups": [list(g) for g in DEFAULT_FETCH_MODEL.groups]},
-        "costs": PhysicsCosts(points[0].hw).describe() if points else {},
+        "costs": _costs_description(points),
         "decode": "prefill emits the first token; gen_len - 1 decode steps emit the rest",
         "points": len(points),
     }
+
+
+def _costs_description(points: Sequence[Point]) -> dict[str, Any]:
+    if not points:
+        return {}
+    if points[0].profile is None:
+        return PhysicsCosts(points[0].hw).describe()
+    return {"profile": str(Path(points[0].profile).resolve()),
+            "calibration": {point.hw.name: load_calibration(point.profile, point.hw)[2]["calibration"]
+                            for point in points},
+            **load_calibration(points[0].profile, points[0].hw)[2]}
 
 
 def write_outputs(out_dir: Path, frame: pd.DataFrame, config: dict[str, Any]) -> None:
@@ -455,8 +486,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         grid, settings, points = _parse_sweep(args)
         config = resolved_config(args.hw_configs, grid, settings, points, args.mode)
         done = check_resume(out_dir, points, config, args.resume)
-    except (SweepInputError, HardwareError, PolicyError, UnknownModelError) as exc:
+    except (SweepInputError, HardwareError, PolicyError, UnknownModelError, BundleError, CalibrationError) as exc:
         flag = "--models: " if isinstance(exc, UnknownModelError) else ""
+        flag = "--profile: " if isinstance(exc, (BundleError, CalibrationError)) else flag
         flag = "--policies: " if isinstance(exc, PolicyError) and "unknown policy" in str(exc) else flag
         print(f"{ERROR}{flag}{exc}".replace("\n", " "), file=sys.stderr)
         return 2
@@ -514,7 +546,9 @@ def _parse_sweep(args: argparse.Namespace) -> tuple[SweepGrid, dict[str, tuple[A
     if args.jobs < 1:
         raise SweepInputError(f"--jobs: expected a positive whole number, got {args.jobs}")
     settings = parse_settings(args.set)
-    return grid, settings, expand_points(args.hw_configs, grid, settings, args.mode)
+    if args.profile is not None:
+        load_calibration(args.profile, load_hardware(args.hw_configs[0]))  # a bad bundle fails here, in one line
+    return grid, settings, expand_points(args.hw_configs, grid, settings, args.mode, args.profile)
 
 
 def _write_trace(path: Path, points: Sequence[Point]) -> None:

@@ -1,0 +1,292 @@
+"""Calibration: a synthetic bundle's times come back exactly; interpolation, extrapolation, scaling, errors."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from infinigen_sim.bundle import (
+    FETCH_COLUMNS,
+    KERNEL_COLUMNS,
+    SCHEMA_VERSION,
+    STEP_COLUMNS,
+    TRANSFER_COLUMNS,
+    BundleError,
+    read_bundle,
+)
+from infinigen_sim.calibrate import BundleCosts, Calibration, fit_fetch, load_calibration
+from infinigen_sim.hardware import load_hardware
+from infinigen_sim.models import get_model
+from infinigen_sim.pipeline import CPU_PLACEMENT, Scenario, simulate_full
+from infinigen_sim.policies import make_policy
+from infinigen_sim.tables import Grid, bundle_hardware
+
+A100 = "NVIDIA A100 80GB PCIe"  # gpu.name of hw_configs/a100_pcie4.yaml
+TINY = get_model("tiny-opt")
+KERNEL_OPS = ("embed", "norm", "qkv", "o_proj", "ffn", "lm_head", "quantize")
+BATCHES, KV_LENS, PREFILL_LENS = (1, 8), (128, 2048), (128, 512)
+SIZES = [4096 << k for k in range(13)]  # 4 KiB .. 16 MiB
+
+
+def kernel_rows(seconds, model: str = "tiny-opt") -> list[dict]:
+    """Every op of the kernels.py grid for `model`; seconds(op, batch, n_tokens, kv_len) gives its time."""
+    keys = []
+    for b in BATCHES:
+        keys += [(op, b, 1, 0) for op in KERNEL_OPS]
+        for kv in KV_LENS:
+            keys += [(op, b, 1, kv) for op in ("attention", "speculate", "topk")] + [("dequantize", b, kv, 0)]
+        for n in PREFILL_LENS:
+            keys += [(op, b, n, 0) for op in KERNEL_OPS if op != "lm_head"] + [("attention", b, n, n)]
+    return [{"op": op, "model": model, "dtype": "float16", "batch_size": b, "n_tokens": n, "kv_len": kv,
+             "median_us": 1e6 * seconds(op, b, n, kv), "p10_us": 1e6 * seconds(op, b, n, kv),
+             "p90_us": 1e6 * seconds(op, b, n, kv), "repeats": 5, "status": "ok"} for op, b, n, kv in keys]
+
+
+def transfer_rows(copy_s: float, gather_s: float = 0.0) -> list[dict]:
+    """Flat copy times (alone and concurrent) at every size, d2d at 1 us, gathers at `gather_s`."""
+    rows = []
+
+    def row(direction, memory, layout, concurrent, nbytes, row_bytes, seconds):
+        rows.append({"direction": direction, "memory": memory, "layout": layout, "concurrent": concurrent,
+                     "nbytes": nbytes, "row_bytes": row_bytes, "rows": nbytes // row_bytes if row_bytes else 0,
+                     "median_us": seconds * 1e6, "p10_us": seconds * 1e6, "p90_us": seconds * 1e6,
+                     "gbps": nbytes / seconds / 1e9, "repeats": 5, "status": "ok"})
+
+    for concurrent in (False, True):
+        for n in SIZES:
+            row("h2d", "pinned", "contiguous", concurrent, n, 0, copy_s * (2 if concurrent else 1))
+            row("d2h", "pinned", "contiguous", concurrent, n, 0, copy_s * (2 if concurrent else 1))
+        for row_bytes in (128, 1024):
+            for count in (1, 64, 4096):
+                row("h2d", "pinned", "gathered.gather", concurrent, count * row_bytes, row_bytes, gather_s or copy_s)
+                row("h2d", "pinned", "gathered.copy", concurrent, count * row_bytes, row_bytes, copy_s)
+    for n in SIZES:
+        row("d2d", "device", "contiguous", False, n, 0, 1e-6)
+    return rows
+
+
+def write_bundle(path: Path, kernels: list[dict], transfers: list[dict], device: str = A100,
+                 device_type: str = "cuda", version: int = SCHEMA_VERSION, fetch: list[dict] | None = None,
+                 steps: list[dict] | None = None) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {"schema_version": version, "device": {"type": device_type, "name": device, "memory_gib": 80},
+            "host": {"cpu_model": "test host", "physical_cores": 2, "memory_gib": 64},
+            "kernels": {"dtype": kernels[0]["dtype"] if kernels else "float16"}}
+    (path / "meta.yaml").write_text(yaml.safe_dump(meta))
+    pd.DataFrame(kernels, columns=KERNEL_COLUMNS).to_csv(path / "kernels.csv", index=False)
+    pd.DataFrame(transfers, columns=TRANSFER_COLUMNS).to_csv(path / "transfers.csv", index=False)
+    if fetch is not None:
+        pd.DataFrame(fetch, columns=FETCH_COLUMNS).to_csv(path / "fetch.csv", index=False)
+    if steps is not None:
+        pd.DataFrame(steps, columns=STEP_COLUMNS).to_csv(path / "steps.csv", index=False)
+    return path
+
+
+@pytest.fixture
+def flat_bundle(tmp_path) -> Path:
+    """Every op 1 ms (so the cost model's ffn, o_proj + MLP, is 2 ms), every copy 3 ms (6 ms concurrent)."""
+    return write_bundle(tmp_path / "flat", kernel_rows(lambda *key: 1e-3), transfer_rows(3e-3))
+
+
+def linear_in_batch(op, b, n, kv):
+    """100 us per sequence at every point: log-log linear in batch with slope 1."""
+    return 100e-6 * b * (1 + (n > 1)) * (1 + kv / 4096)
+
+
+@pytest.fixture
+def linear_bundle(tmp_path) -> Path:
+    return write_bundle(tmp_path / "linear", kernel_rows(linear_in_batch), transfer_rows(3e-3))
+
+
+def costs_of(bundle: Path, hw: str = "a100_pcie4", **policy) -> BundleCosts:
+    make_costs, _, _ = load_calibration(bundle, load_hardware(hw))
+    return make_costs(make_policy("flexgen", **policy), TINY)
+
+
+# ---- exact replay ----------------------------------------------------------------------------
+def test_a_flat_bundle_replays_exactly(flat_bundle):
+    """One layer, overlap off: embed 1 + fetch 3 + norm 1 + qkv 1 + attention 1 + norm 1 + ffn 2 +
+    final norm 1 + lm_head 1 = 12 ms per decode step; the write-back (3 ms, alone) runs beside it."""
+    costs = costs_of(flat_bundle, overlap=False)
+    model = replace(TINY, n_layers=1)
+    sc = Scenario(costs, model, make_policy("flexgen", overlap=False), batch=1, prompt_len=256, gen_len=3)
+    res = simulate_full(sc)
+    assert res.step_s == pytest.approx(12e-3, rel=1e-12)
+    assert res.decode_s == pytest.approx(24e-3, rel=1e-12)
+    # prefill: embed 1, norm 1, qkv 1, store 3 (serial without overlap), attention 1, norm 1, ffn 2, norm 1, head 1
+    assert res.prefill_s == pytest.approx(12e-3, rel=1e-12)
+    assert not costs.extrapolated and costs.calibration == "profile"
+
+
+def test_copies_beside_compute_take_the_concurrent_figure(flat_bundle):
+    assert costs_of(flat_bundle, overlap=True).h2d_s(1 << 20, False) == pytest.approx(6e-3)
+    assert costs_of(flat_bundle, overlap=False).h2d_s(1 << 20, False) == pytest.approx(3e-3)
+
+
+def test_cpu_placement_runs_copies_on_the_worker_and_inline(flat_bundle):
+    """CPU mode, one layer, overlap on: the fetch (6 ms, concurrent) runs on the worker from the step's
+    start while embed and norm run; the write-back (3 ms, alone: inline D2H) sits on the compute thread."""
+    costs = costs_of(flat_bundle, overlap=True)
+    model = replace(TINY, n_layers=1)
+    sc = Scenario(costs, model, make_policy("flexgen"), batch=1, prompt_len=256, gen_len=3, placement=CPU_PLACEMENT)
+    costs.d2h_concurrent = False
+    res = simulate_full(sc)
+    # embed 1, then fetch 6 on the worker from t=1 while norm, qkv, write-back (1+1+3) run: attention at 7
+    # then attention 1 + norm 1 + ffn 2 + final norm 1 + lm_head 1 = 13 ms
+    assert res.step_s == pytest.approx(13e-3, rel=1e-12)
+    assert res.busy_s["h2d_link"] == 0 and res.busy_s["host_cpu"] == pytest.approx(6e-3)
+
+
+# ---- interpolation ---------------------------------------------------------------------------
+def test_grid_points_are_exact(linear_bundle):
+    costs = costs_of(linear_bundle)
+    for b in BATCHES:
+        assert costs.compute_s("qkv", TINY, b, 1, 0) == pytest.approx(100e-6 * b, rel=1e-12)
+        assert costs.compute_s("ffn", TINY, b, 128, 0) == pytest.approx(2 * 200e-6 * b, rel=1e-12)
+        for kv in KV_LENS:  # decode attention: kernels.csv kv_len excludes the new row, the cost model counts it
+            expected = 100e-6 * b * (1 + kv / 4096)
+            assert costs.compute_s("attention", TINY, b, 1, kv + 1) == pytest.approx(expected, rel=1e-12)
+        assert costs.compute_s("attention", TINY, b, 512, 512) == pytest.approx(200e-6 * b * (1 + 512 / 4096))
+    assert not costs.extrapolated
+
+
+def test_interpolation_is_log_log_linear_between_grid_points(linear_bundle):
+    costs = costs_of(linear_bundle)
+    for b in (2, 3, 4, 5, 7):
+        assert costs.compute_s("norm", TINY, b, 1, 0) == pytest.approx(100e-6 * b, rel=1e-9)
+    assert not costs.extrapolated
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(1, 8), min_size=2, max_size=6), st.integers(128, 2048))
+def test_interpolation_is_monotone(batches, kv_len):
+    grid = Grid.build(("batch", "kv_len"), {(1, 128): 1.0, (8, 128): 5.0, (1, 2048): 3.0, (8, 2048): 40.0},
+                      lambda value, anchor: 1.0)
+    values = [grid.lookup((b, kv_len))[0] for b in sorted(batches)]
+    assert all(a <= b + 1e-12 for a, b in zip(values, values[1:], strict=False))
+    assert all(grid.lookup((b, kv_len))[2] for b in batches)
+
+
+def test_a_missing_node_is_filled_and_marked():
+    grid = Grid.build(("batch", "n_tokens"), {(1, 128): 1.0, (8, 128): 8.0, (1, 512): 4.0},
+                      lambda value, anchor: value[0] * value[1] / (anchor[0] * anchor[1]))
+    assert grid.lookup((8, 512))[0] == pytest.approx(32.0)
+    assert grid.lookup((8, 512))[2] is False and grid.lookup((1, 512))[2] is True
+
+
+# ---- extrapolation ---------------------------------------------------------------------------
+def test_outside_the_grid_is_scaled_by_the_fitted_roofline_and_flagged(linear_bundle):
+    costs = costs_of(linear_bundle)
+    edge = costs.compute_s("attention", TINY, 8, 1, 2049)
+    assert not costs.extrapolated
+    beyond = costs.compute_s("attention", TINY, 8, 1, 16385)
+    assert beyond > edge and "attention" in costs.extrapolated
+    more = costs.compute_s("qkv", TINY, 64, 1, 0)
+    assert more > costs.compute_s("qkv", TINY, 8, 1, 0) and "qkv" in costs.extrapolated
+
+
+def test_a_model_absent_from_the_bundle_uses_the_fitted_efficiencies(linear_bundle):
+    costs = costs_of(linear_bundle)
+    big = get_model("opt-13b")
+    assert costs.compute_s("ffn", big, 8, 1, 0) > costs.compute_s("ffn", TINY, 8, 1, 0)
+    assert "ffn" in costs.extrapolated
+
+
+def test_copy_sizes_beyond_the_sweep_are_flagged(flat_bundle):
+    costs = costs_of(flat_bundle, overlap=False)
+    costs.h2d_s(1 << 20, False)
+    assert not costs.extrapolated
+    costs.h2d_s(1 << 30, False)
+    assert "h2d" in costs.extrapolated
+
+
+# ---- other cards -----------------------------------------------------------------------------
+def test_another_card_is_scaled_and_says_so(linear_bundle):
+    same, other = costs_of(linear_bundle), costs_of(linear_bundle, "h100_pcie5")
+    assert same.calibration == "profile"
+    assert other.calibration == f"profile-scaled:{A100} -> h100_pcie5"
+    big_prefill = ("ffn", TINY, 8, 512, 0)
+    assert other.compute_s(*big_prefill) != same.compute_s(*big_prefill)
+    assert other.h2d_s(1 << 20, False) < same.h2d_s(1 << 20, False)  # PCIe 5 vs PCIe 4
+
+
+def test_overridden_profiled_card_is_scaled(linear_bundle):
+    make_costs, _, info = load_calibration(linear_bundle, load_hardware("a100_pcie4", {"link.h2d_gbps": 63.0}))
+    costs = make_costs(make_policy("flexgen", overlap=False), TINY)
+    assert info["calibration"] == f"profile-scaled:{A100} -> a100_pcie4"
+    assert costs.h2d_s(1 << 24, False) < costs_of(linear_bundle, overlap=False).h2d_s(1 << 24, False)
+
+
+def test_a_cpu_bundle_describes_its_own_box(tmp_path):
+    kernels = [dict(r, dtype="float32") for r in kernel_rows(linear_in_batch)]
+    path = write_bundle(tmp_path / "cpu", kernels, transfer_rows(1e-4), device="cpu: test host", device_type="cpu")
+    cal = Calibration.load(path)
+    hw = bundle_hardware(read_bundle(path))
+    assert cal.cpu and cal.label(cal.source) == "profile" and hw.gpu.name == "cpu: test host"
+    assert cal.label(load_hardware("a100_pcie4")) == "profile-scaled:cpu: test host -> a100_pcie4"
+    assert cal.kernels.dtype_bytes == 4 and hw.gpu.compute_efficiency == 1.0
+
+
+# ---- errors and fetch counts -----------------------------------------------------------------
+def test_another_schema_version_is_a_clear_error(tmp_path):
+    path = write_bundle(tmp_path / "old", kernel_rows(lambda *k: 1e-3), transfer_rows(1e-3), version=99)
+    with pytest.raises(BundleError, match=r"meta.yaml: key 'schema_version': expected 1, got 99"):
+        load_calibration(path, load_hardware("a100_pcie4"))
+
+
+def test_checkpoint_fetch_counts_replace_the_default_fetch_model(tmp_path):
+    rows = [{"model": "smollm2-135m", "source": "checkpoint", "alpha": alpha, "layer": layer, "context_len": n,
+             "fetched_tokens": (3 if layer < 16 else 5) * n ** 0.5 * (alpha / 4), "samples": 4}
+            for alpha in (2.0, 4.0) for layer in range(30) for n in (256, 512, 1024, 2048)]
+    path = write_bundle(tmp_path / "fetch", kernel_rows(lambda *k: 1e-3), transfer_rows(1e-3), fetch=rows)
+    _, fetch_model, info = load_calibration(path, load_hardware("a100_pcie4"))
+    assert fetch_model is not None and "smollm2-135m" in fetch_model.source
+    assert fetch_model.tokens(1024, layer=5) == pytest.approx(3 * 32)
+    assert fetch_model.tokens(1024, layer=29) == pytest.approx(5 * 32)
+    assert [g["layers"] for g in info["fetch_fit"]["groups"]] == ["2-8", "9-15", "16-22", "23-29"]
+    assert all(g["r2_log"] > 0.999 for g in info["fetch_fit"]["groups"])
+    fit = fit_fetch(pd.read_csv(path / "fetch.csv"))
+    scaled = fit.for_model(get_model("opt-13b"))  # 40 layers: groups by relative depth
+    assert [g[0] for g in scaled.groups] == [round(g[0] * 40 / 30) for g in fit.fetch_model.groups]
+
+
+def test_no_checkpoint_rows_keep_the_default(flat_bundle):
+    assert load_calibration(flat_bundle, load_hardware("a100_pcie4"))[1] is None
+
+
+def test_missing_kernels_are_a_clear_error(tmp_path):
+    path = write_bundle(tmp_path / "empty", [], transfer_rows(1e-3))
+    with pytest.raises(ValueError, match="kernels.csv has no measured rows"):
+        Calibration.load(path)
+
+
+def test_costs_are_finite_everywhere(linear_bundle):
+    costs = costs_of(linear_bundle)
+    for op in ("embed", "norm", "qkv", "attention", "ffn", "lm_head", "speculate", "topk", "quantize", "dequantize"):
+        for b, n, kv in ((1, 1, 1), (3, 1, 700), (64, 1, 65536), (2, 4096, 4096), (1, 100, 0)):
+            assert math.isfinite(costs.compute_s(op, TINY, b, n, kv, partial_ratio=0.5))
+
+
+# ---- the sweep's hooks -----------------------------------------------------------------------
+def test_sweep_hooks_label_each_point(linear_bundle):
+    from infinigen_sim.calibrate import calibration_columns, point_costs, point_fetch_model
+    from infinigen_sim.costs import PhysicsCosts
+    from infinigen_sim.pipeline import simulate
+    from infinigen_sim.policies import DEFAULT_FETCH_MODEL
+
+    hw, policy, model = load_hardware("h100_pcie5"), make_policy("infinigen"), get_model("opt-13b")
+    physics = point_costs(None, hw, policy, model)
+    assert isinstance(physics, PhysicsCosts)
+    assert calibration_columns(physics) == {"calibration": "physics", "extrapolated": False}
+    costs = point_costs(str(linear_bundle), hw, policy, model)
+    assert point_fetch_model(str(linear_bundle), model, DEFAULT_FETCH_MODEL) is DEFAULT_FETCH_MODEL
+    simulate(Scenario(costs, model, policy, batch=4, prompt_len=1024, gen_len=8))
+    assert calibration_columns(costs) == {"calibration": f"profile-scaled:{A100} -> h100_pcie5",
+                                          "extrapolated": True}  # opt-13b is not in the bundle
