@@ -29,8 +29,9 @@ import pandas as pd
 from infinigen_sim.bundle import write_text_atomic
 from infinigen_sim.hardware import HardwareError
 from infinigen_sim.models import UnknownModelError
+from infinigen_sim.points import SweepGrid, expand_points
 from infinigen_sim.policies import ALL_POLICIES, PolicyError, parse_policy_name
-from infinigen_sim.sweep import SweepGrid, expand_points, run_sweep
+from infinigen_sim.sweep import run_sweep
 
 ERROR = "infinigen_sim.plan: error: "
 NO_PRICE = "no price"

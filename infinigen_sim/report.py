@@ -26,6 +26,7 @@ import yaml
 from infinigen_sim.bundle import write_text_atomic
 from infinigen_sim.hardware import HardwareError, parse_value
 from infinigen_sim.models import UnknownModelError, get_model
+from infinigen_sim.points import SweepGrid, expand_points
 from infinigen_sim.policies import ALL_POLICIES, PolicyError, PolicyName
 from infinigen_sim.report_doc import Doc
 from infinigen_sim.report_sections import (  # noqa: F401 - SECTIONS, NO_SPREADS, the hook: re-exported
@@ -39,7 +40,7 @@ from infinigen_sim.report_sections import (  # noqa: F401 - SECTIONS, NO_SPREADS
     uncertainty_note,
 )
 from infinigen_sim.sensitivity import PointError
-from infinigen_sim.sweep import SweepGrid, expand_points, run_sweep, write_outputs
+from infinigen_sim.sweep import run_sweep, write_outputs
 
 ERROR = "infinigen_sim.report: error: "
 COMPACT_GRID = SweepGrid(models=("llama-3-8b",), batch_sizes=(1, 2, 4, 8, 16, 32, 64),

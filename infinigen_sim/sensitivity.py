@@ -30,8 +30,8 @@ from infinigen_sim.costs import plan_memory
 from infinigen_sim.hardware import HardwareConfig, from_raw, load_hardware, set_dotted
 from infinigen_sim.models import get_model
 from infinigen_sim.pipeline import Op, trace_ops
+from infinigen_sim.points import Point, scenario_for, simulate_point
 from infinigen_sim.policies import PolicyName, make_policy
-from infinigen_sim.sweep import Point, scenario_for, simulate_point
 
 PARAMETERS = ("link.h2d_gbps", "link.d2h_gbps", "gpu.hbm_gbps", "gpu.fp16_tflops", "host.memory_gbps")
 LINK_GBPS = (8, 16, 32, 64, 128, 256, 512)  # host-link sweep, GB/s per direction

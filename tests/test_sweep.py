@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 
 from infinigen_sim.hardware import HW_DIR, all_config_paths, load_hardware
+from infinigen_sim.points import Point, SweepGrid, expand_points, simulate_point
 from infinigen_sim.policies import make_policy
-from infinigen_sim.sweep import Point, SweepGrid, expand_points, main, run_sweep, simulate_point
+from infinigen_sim.sweep import main, run_sweep
 
 SMALL_GRID = SweepGrid(models=("small-opt",), batch_sizes=(1, 4), prompt_lens=(256,), gen_lens=(8,))
 SMALL_ARGS = ["--models", "small-opt", "--batch-sizes", "1,4", "--prompt-lens", "256", "--gen-lens", "8"]
