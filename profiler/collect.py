@@ -4,7 +4,10 @@ Thin entry: parse, seed, write meta, then the copy sweep (`profiler.transfers`),
 (`profiler.kernels`) and the end-to-end runs (`profiler.steps`), each appending rows through
 `bundle.append_rows` as they complete. `--resume` skips rows whose key is already in the bundle, so a
 killed run loses nothing and duplicates nothing. Ends by reading the bundle back and printing a
-summary with roofline figures.
+summary with roofline figures. With `--fetch-model smollm2-135m` a last pass counts InfiniGen's
+speculated rows on those real weights against context length into fetch.csv (`profiler.fetch_stats`)
+and prints their power-law fit; `--fetch-only` runs just that pass (a workload statistic, so with
+--resume it may be added to a bundle timed with other settings or on another device).
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from tqdm import tqdm
 
 from infinigen_sim.bundle import (
+    FETCH_COLUMNS,
+    FETCH_KEY,
     KERNEL_COLUMNS,
     KERNEL_KEY,
     STEP_COLUMNS,
@@ -34,10 +40,12 @@ from infinigen_sim.bundle import (
     write_meta,
 )
 from infinigen_sim.models import ModelSpec, UnknownModelError, get_model
-from infinigen_sim.policies import ALL_POLICIES, PolicyError, parse_policy_name
-from profiler import kernels, steps, transfers
+from infinigen_sim.policies import ALL_POLICIES, PolicyError, make_policy, parse_policy_name
+from profiler import fetch_stats, kernels, steps, transfers
+from profiler.fetch_stats import DEFAULT_TEXT, FETCH_GRIDS, FetchBench, FetchGrid, FetchPass
 from profiler.kernels import GRIDS, KernelBench, dtype_name, kernel_tasks
 from profiler.nvml import collect_meta, load_average, utc_now
+from profiler.runtime.checkpoint import PRETRAINED, CheckpointError, pretrained_loader
 from profiler.steps import STEP_GRIDS, StepBench, StepRun, step_runs
 from profiler.transfers import (
     BATCH_SEQS,
@@ -76,6 +84,19 @@ class CollectConfig:
     seed: int = field(default=0, metadata={"help": "seed of every random input and gather index"})
     threads: int | None = field(default=None, metadata={
         "help": "torch CPU threads (default: torch's choice); 1 keeps CPU timings stable on a shared box"})
+    fetch_model: str | None = field(default=None, metadata={
+        "help": f"pretrained model ({', '.join(PRETRAINED)}) whose InfiniGen speculation fills fetch.csv "
+                "(default: no fetch pass)"})
+    fetch_only: bool = field(default=False, metadata={
+        "help": "with --fetch-model: only the fetch pass, no transfers, kernels or steps"})
+    fetch_alphas: str | None = field(default=None, metadata={
+        "help": f"comma-separated alphas of the fetch pass (default {make_policy('infinigen').alpha:g})"})
+    fetch_contexts: str | None = field(default=None, metadata={
+        "help": "comma-separated context lengths of the fetch pass (default "
+                + ",".join(map(str, FETCH_GRIDS[False].contexts)) + "; quick "
+                + ",".join(map(str, FETCH_GRIDS[True].contexts)) + ")"})
+    fetch_text: str | None = field(default=None, metadata={
+        "help": f"text the fetch pass reads windows from (default {DEFAULT_TEXT})"})
 
 
 @dataclass(frozen=True)
@@ -92,6 +113,8 @@ class Plan:
     warmup: int
     seed: int
     threads: int
+    fetch: FetchPass | None = None
+    fetch_only: bool = False
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -108,7 +131,7 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv: list[str] | None = None) -> CollectConfig:
     parser = _Parser(prog="python -m profiler.collect", description=__doc__.splitlines()[0])
     for f in fields(CollectConfig):
-        flag, help_text = f"--{f.name}", f.metadata["help"]
+        flag, help_text = f"--{f.name.replace('_', '-')}", f.metadata["help"]
         if f.type == "bool":
             parser.add_argument(flag, action="store_true", default=f.default, help=help_text)
         else:
@@ -143,7 +166,36 @@ def resolve(config: CollectConfig) -> Plan:
     if config.threads is not None and config.threads < 1:
         raise UsageError(f"--threads must be >= 1 (got {config.threads})")
     return Plan(torch.device(device_type), tuple(dict.fromkeys(models)), policies, Path(config.out),
-                config.quick, config.resume, repeats, warmup, config.seed, config.threads or torch.get_num_threads())
+                config.quick, config.resume, repeats, warmup, config.seed, config.threads or torch.get_num_threads(),
+                resolve_fetch(config), config.fetch_only)
+
+
+def resolve_fetch(config: CollectConfig) -> FetchPass | None:
+    """The fetch pass the flags ask for (None without --fetch-model)."""
+    if config.fetch_model is None:
+        if config.fetch_only:
+            raise UsageError("--fetch-only needs --fetch-model")
+        return None
+    if config.fetch_model not in PRETRAINED:
+        raise UsageError(f"--fetch-model {config.fetch_model}: not a pretrained model ({', '.join(PRETRAINED)})")
+    grid = FETCH_GRIDS[config.quick]
+    try:
+        alphas = tuple(float(a) for a in _split(config.fetch_alphas or str(make_policy("infinigen").alpha)))
+        contexts = tuple(int(n) for n in _split(config.fetch_contexts)) if config.fetch_contexts else grid.contexts
+    except ValueError as exc:
+        raise UsageError(f"--fetch-alphas / --fetch-contexts: {exc}") from None
+    if not alphas or any(not a >= 0 for a in alphas):
+        raise UsageError(f"--fetch-alphas: need alphas >= 0, got {config.fetch_alphas}")
+    if not contexts or min(contexts) < grid.steps + 2:
+        raise UsageError(f"--fetch-contexts: need lengths >= {grid.steps + 2}, got {config.fetch_contexts}")
+    text = Path(config.fetch_text) if config.fetch_text else DEFAULT_TEXT
+    if not text.is_file():
+        raise UsageError(f"--fetch-text {text}: no such file")
+    try:
+        pretrained_loader(config.fetch_model)  # the packages and the weights are there (loaded later)
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from None
+    return FetchPass(config.fetch_model, alphas, FetchGrid(contexts, grid.windows, grid.steps), text)
 
 
 def prepare_out(plan: Plan) -> dict[str, Any] | None:
@@ -156,6 +208,8 @@ def prepare_out(plan: Plan) -> dict[str, Any] | None:
     if not plan.resume:
         raise UsageError(f"--out {out}: not empty; pass --resume to continue it or choose a new --out")
     meta = read_meta(out)  # BundleError (one line) on a missing meta or another schema_version
+    if plan.fetch_only:
+        return meta  # fetch rows are a workload statistic keyed by their own parameters
     if meta.get("settings") != plan.settings:
         raise UsageError(f"--resume {out}: collected with {meta.get('settings')}, this run is {plan.settings}; "
                          "rerun with the same flags or choose a new --out")
@@ -242,11 +296,32 @@ def run_steps(plan: Plan, bar: tqdm) -> None:
         bar.update()
 
 
+def run_fetch(plan: Plan, bar: tqdm) -> None:
+    """The fetch pass, skipping (alpha, context) points whose rows are all present."""
+    assert plan.fetch is not None
+    path = plan.out / "fetch.csv"
+    done = done_keys(path, FETCH_KEY) if plan.resume else set()
+    n_layers = get_model(plan.fetch.model).n_layers
+    units = plan.fetch.units(get_model(plan.fetch.model).max_positions)
+    todo = [(a, n) for a, n in units if not set(plan.fetch.keys(a, n, n_layers)) <= done]
+    bar.update(len(units) - len(todo))
+    if not todo:
+        return
+    bench = FetchBench.load(plan.fetch, plan.device)
+    for alpha, n in todo:
+        bar.set_postfix_str(f"fetch {plan.fetch.model} alpha {alpha:g} n {n}", refresh=False)
+        append_rows(path, [r for r in bench.measure(alpha, n) if row_key(r, FETCH_KEY) not in done], FETCH_COLUMNS)
+        bar.update()
+
+
 def count_points(plan: Plan) -> int:
-    """Progress-bar units: transfer points, kernel tasks and end-to-end runs."""
+    """Progress-bar units: transfer points, kernel tasks, end-to-end runs and fetch points."""
+    fetch = len(plan.fetch.units(get_model(plan.fetch.model).max_positions)) if plan.fetch else 0
+    if plan.fetch_only:
+        return fetch
     sweep = make_sweep(plan.device, list(plan.models), plan.quick)
     tasks = kernel_tasks(list(plan.models), dtype_name(plan.device), GRIDS[(plan.device.type, plan.quick)])
-    return len(transfer_points(sweep)) + len(tasks) + len(plan_runs(plan))
+    return len(transfer_points(sweep)) + len(tasks) + len(plan_runs(plan)) + fetch
 
 
 def plan_runs(plan: Plan) -> list[StepRun]:
@@ -265,16 +340,42 @@ def collect(plan: Plan, existing_meta: dict[str, Any] | None = None) -> str:
         meta = {k: v for k, v in existing_meta.items() if k != "schema_version"}
         meta["resumed_utc"] = [*meta.get("resumed_utc", []), utc_now()]
     else:
-        meta = {**collect_meta(plan.device, {}), **plan_meta(plan)}
+        timing = {"settings": plan.settings} if plan.fetch_only else plan_meta(plan)
+        meta = {**collect_meta(plan.device, {}), **timing}
+    if plan.fetch is not None:
+        meta["fetch"] = fetch_meta(plan.fetch, plan.device, meta.get("fetch"))
     write_meta(plan.out, meta)  # first, so that an interrupted bundle still says what it is
     with tqdm(total=count_points(plan), unit="point", desc="collect", dynamic_ncols=True) as bar:
-        run_transfers(plan, bar, generator)
-        run_kernels(plan, bar)
-        run_steps(plan, bar)
+        if not plan.fetch_only:
+            run_transfers(plan, bar, generator)
+            run_kernels(plan, bar)
+            run_steps(plan, bar)
+        if plan.fetch is not None:
+            run_fetch(plan, bar)
     meta["completed_utc"] = utc_now()
     meta.setdefault("host", {})["load_avg_1_5_15_at_end"] = load_average()
     write_meta(plan.out, meta)
+    if plan.fetch_only:
+        return "\n".join(fetch_summary(plan, pd.read_csv(plan.out / "fetch.csv")))
     return format_summary(plan)
+
+
+def fetch_meta(fetch: FetchPass, device: torch.device, before: dict[str, Any] | None) -> dict[str, Any]:
+    """meta.yaml's `fetch` section; a resumed pass of the same model keeps the alphas and contexts before it."""
+    meta = {**fetch.describe(), "device_type": device.type}
+    if before and before.get("model") == fetch.model:
+        for key in ("alphas", "contexts"):
+            meta[key] = sorted(set(before.get(key, [])) | set(meta[key]))
+    return meta
+
+
+def fetch_summary(plan: Plan, fetch: pd.DataFrame) -> list[str]:
+    """The fetch pass's counts per layer group and context, and their power-law fit."""
+    if plan.fetch is None:
+        return []
+    spec = get_model(plan.fetch.model)
+    rows = fetch[fetch["model"] == plan.fetch.model]
+    return fetch_stats.summary_lines(rows, spec.n_layers, make_policy("infinigen").full_fetch_layers)
 
 
 def format_summary(plan: Plan) -> str:
@@ -292,6 +393,7 @@ def format_summary(plan: Plan) -> str:
     models = {m.name: m for m in plan.models}
     lines += kernels.summary_lines(bundle.kernels, models, dtype_bytes, ceiling)
     lines += steps.summary_lines(bundle.steps, models, dtype_bytes, ceiling)
+    lines += fetch_summary(plan, bundle.fetch)
     return "\n".join(lines)
 
 
@@ -305,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         print(collect(plan, existing))
+    except CheckpointError as exc:  # the fetch pass's weights are not installed
+        print(f"python -m profiler.collect: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"interrupted: rows so far are in {plan.out}; rerun with --resume", file=sys.stderr)
         return 130

