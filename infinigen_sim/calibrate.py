@@ -23,13 +23,21 @@ buffer's copy).
 
 Op names: the runtime times `o_proj` and `ffn` (the MLP) apart; the cost model's `ffn` is their sum.
 Decode attention rows are keyed by the cached rows before the new one (kernels.py); the cost model
-counts the new row in `kv_len`, so a row with kv_len = K answers queries at K + 1.
+counts the new row in `kv_len`, so a row with kv_len = K answers queries at K + 1. kernels.py times
+every op as a step runs it (each layer's weights and rows read from memory), so rows are used as
+they are: no cache-versus-memory correction.
+
+A CPU bundle replayed on its own box (`pipeline.CPU_PLACEMENT`) adds what the CPU runtime spends
+outside its timed ops, each from a measured row: the engine's span bookkeeping after every op on the
+compute thread (kernels.csv 'span', per model; `span_s`), and what a layer's copy-worker jobs cost
+the compute thread (transfers.csv 'handoff.<policy>', over the fetched bytes; `handoff_s`) and the worker
+(`job_s`). A bundle without those rows charges nothing for them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -50,6 +58,7 @@ from infinigen_sim.tables import (
     _zoo,
     bundle_hardware,
     copy_tables,
+    fit_affine,
     is_cpu_bundle,
     names_match,
 )
@@ -132,8 +141,8 @@ class Calibration:
     kernels: KernelTables
     copies: dict[tuple[str, bool], CopyTable]
     fetch: FetchFit | None
-    call_s: float = 0.0  # the box's per-call floor: its fastest measured copy (one small torch call)
-    handoff: tuple[float, str] = (0.0, "none")  # (seconds per copy-worker job, where that comes from)
+    spans: dict[str, float] = field(default_factory=dict)  # model -> seconds of one runtime span (CPU)
+    handoff: Handoff | None = None  # what a layer's copy-worker jobs cost the compute thread (CPU)
 
     @classmethod
     def load(cls, profile_dir: str | Path) -> Calibration:
@@ -141,10 +150,16 @@ class Calibration:
         if _rows(bundle.kernels).empty:
             raise CalibrationError(f"{bundle.path}: kernels.csv has no measured rows")
         source = bundle_hardware(bundle)
-        cpu, call_s = is_cpu_bundle(bundle), source.link.latency_us * 1e-6
+        cpu = is_cpu_bundle(bundle)
         return cls(Path(bundle.path), bundle.device_name, cpu, source, KernelTables.from_bundle(bundle, source),
-                   copy_tables(bundle), fit_fetch(bundle.fetch) if not bundle.fetch.empty else None, call_s,
-                   handoff_cost(bundle, call_s) if cpu else (0.0, "none: copy engines take no host thread"))
+                   copy_tables(bundle), fit_fetch(bundle.fetch) if not bundle.fetch.empty else None,
+                   span_costs(bundle) if cpu else {}, Handoff.from_bundle(bundle) if cpu else None)
+
+    def span_s(self, model: str) -> float:
+        """One runtime span on the compute thread: the model's measured row, else the median of all."""
+        if model in self.spans:
+            return self.spans[model]
+        return float(np.median(list(self.spans.values()))) if self.spans else 0.0
 
     def reference(self, hw: HardwareConfig) -> HardwareConfig | None:
         """The hardware the tables must be scaled from to price `hw`; None when `hw` is the profiled card.
@@ -171,49 +186,100 @@ class Calibration:
         """A fresh cost model for one point (its `extrapolated` starts empty)."""
         dtype_bytes = dtype_bytes or (self.kernels.dtype_bytes if self.reference(hw) is None else 2)
         return BundleCosts(self, hw, overlap=policy.overlap, dtype_bytes=dtype_bytes,
-                           head_dim=model.head_dim if model is not None else None)
+                           head_dim=model.head_dim if model is not None else None,
+                           model=model.name if model is not None else None, policy=policy.name.value)
 
     def describe(self) -> dict[str, Any]:
         fits = {op: {"launch_us": round(f.launch_s * 1e6, 3), "efficiency": round(f.efficiency, 4),
                      "rows": f.rows, "median_abs_error_pct": round(f.median_abs_error_pct, 2)}
                 for op, f in sorted(self.kernels.fits.items())}
         out: dict[str, Any] = {"bundle": str(self.path), "device": self.device, "op_fits": fits,
-                               "profiled_card": self.source.to_dict(),
-                               "memory_levels": {"cache_gbps": self.kernels.memory.cache_gbps,
-                                                 "stream_gbps": self.kernels.memory.stream_gbps,
-                                                 "cache_bytes": self.kernels.memory.cache_bytes}}
+                               "profiled_card": self.source.to_dict()}
         if self.cpu:
-            out["cpu_runtime"] = {"call_us": round(self.call_s * 1e6, 3), "span_calls": SPAN_CALLS,
-                                  "handoff_us": round(self.handoff[0] * 1e6, 3), "handoff_source": self.handoff[1]}
+            out["cpu_runtime"] = {"span_us": {m: round(s * 1e6, 3) for m, s in sorted(self.spans.items())},
+                                  "spans_per_op": SPANS_PER_OP,
+                                  "handoff": self.handoff.describe() if self.handoff else
+                                  "not measured (no transfers.csv handoff rows): not charged"}
         if self.fetch is not None:
             out["fetch_fit"] = {"model": self.fetch.model, "alpha": self.fetch.alpha, "groups": list(self.fetch.groups)}
         return out
 
 
-SPAN_CALLS = 1  # CPU runtime: bookkeeping calls the engine adds around each timed op (PhaseTimer.span)
-HANDOFF_CALLS = 10  # CPU runtime: GIL-holding calls of one copy-worker job (submit, slices, copies, span)
+# CPU runtime: PhaseTimer spans the engine opens per pipeline op on the compute thread: one each, but
+# `ffn` is o_proj + MLP, InfiniGen speculates a layer and then files the new token's partial K, and the
+# copy-worker handoff is no timed op
+SPANS_PER_OP = {"ffn": 2, "speculate": 2, "handoff": 0, "span": 0}
 
 
-def handoff_cost(bundle: Bundle, call_s: float) -> tuple[float, str]:
-    """Seconds one job handed to the CPU runtime's copy worker costs each thread, and its source.
+def span_costs(bundle: Bundle) -> dict[str, float]:
+    """{model: seconds of one runtime span}, the median of kernels.csv's 'span' rows of each model.
 
-    The job's Python holds the GIL, which the compute thread then waits for. Measured when
-    transfers.csv has a 'handoff' row (an empty job's round trip); else HANDOFF_CALLS x the box's
-    per-call floor (the fastest measured copy), an estimate the report says it is.
-    """
-    rows = _rows(bundle.transfers)
-    rows = rows[rows["layout"] == "handoff"]
-    if not rows.empty:
-        return float(rows["median_us"].min()) * 1e-6, "transfers.csv handoff row"
-    return HANDOFF_CALLS * call_s, f"estimated: {HANDOFF_CALLS} x the fastest measured copy (no handoff row)"
+    The engine wraps every timed op in a PhaseTimer span; its bookkeeping lies outside the span's own
+    seconds (so outside every op's row) but inside a step's wall time."""
+    rows = _rows(bundle.kernels)
+    rows = rows[rows["op"] == "span"]
+    return {str(model): float(part["median_us"].median()) * 1e-6 for model, part in rows.groupby("model")}
+
+
+@dataclass(frozen=True)
+class HandoffFit:
+    """One policy's handoff: seconds = fixed_s + per_byte_s x the layer's fetched bytes."""
+
+    fixed_s: float
+    per_byte_s: float
+
+    def layer_s(self, nbytes: float) -> float:
+        return self.fixed_s + self.per_byte_s * max(nbytes, 0.0)
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """What the jobs one layer hands the CPU runtime's copy worker (its K/V fetch and the commit of the
+    new row) cost the compute thread, per policy, from transfers.csv's 'handoff.<policy>' rows
+    (`profiler.handoff`, the runtime's own jobs): an affine fit in the fetched bytes over every
+    measured context (non-negative; the slope is the share of the copy the worker could not run
+    beside the compute thread). A policy without rows takes the dearest measured one. The worker
+    itself pays half the fixed part per job (its wake-up and Python)."""
+
+    fits: dict[str, HandoffFit]
+    source: str
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> Handoff | None:
+        t = bundle.transfers
+        rows = t[t["layout"].astype(str).str.startswith("handoff.") & (t["status"].astype(str) == "ok")]
+        fits = {}
+        for layout, part in rows.groupby("layout"):
+            nbytes = part["nbytes"].to_numpy(float)
+            seconds = np.maximum(pd.to_numeric(part["median_us"]).to_numpy(float), 0.01) * 1e-6
+            fixed, per_byte = fit_affine(np.column_stack([np.ones_like(nbytes), nbytes]), seconds)
+            fits[str(layout).removeprefix("handoff.")] = HandoffFit(float(fixed), float(per_byte))
+        if not fits:
+            return None
+        return cls(fits, f"transfers.csv handoff rows ({', '.join(sorted(fits))})")
+
+    def fit(self, policy: str | None) -> HandoffFit:
+        return self.fits.get(policy or "") or max(self.fits.values(), key=lambda f: f.layer_s(1 << 20))
+
+    def layer_s(self, policy: str | None, nbytes: float) -> float:
+        return self.fit(policy).layer_s(nbytes)
+
+    def job_s(self, policy: str | None) -> float:
+        return self.fit(policy).fixed_s / 2
+
+    def describe(self) -> dict[str, Any]:
+        return {"fits": {p: {"fixed_us": round(f.fixed_s * 1e6, 3), "us_per_mib": round(f.per_byte_s * 1e6 * 2**20, 3)}
+                         for p, f in sorted(self.fits.items())}, "source": self.source}
 
 
 class BundleCosts:
     """CostModel from a calibration; records in `extrapolated` every op priced outside the measured grid."""
 
     def __init__(self, cal: Calibration, hw: HardwareConfig, *, overlap: bool = True, dtype_bytes: int = 2,
-                 head_dim: int | None = None, fallback: PhysicsCosts | None = None) -> None:
+                 head_dim: int | None = None, fallback: PhysicsCosts | None = None, model: str | None = None,
+                 policy: str | None = None) -> None:
         self.cal, self.hw, self.overlap, self.dtype_bytes, self.head_dim = cal, hw, overlap, dtype_bytes, head_dim
+        self.model, self.policy = model, policy  # the point's: they pick the span and handoff rows (CPU runtime)
         self.fallback = fallback or PhysicsCosts(hw, dtype_bytes)
         self.ref = cal.reference(hw)
         ref_dtype = cal.kernels.dtype_bytes if self.ref is cal.source else dtype_bytes
@@ -238,8 +304,6 @@ class BundleCosts:
         seconds, exact = found
         if not exact:
             self.extrapolated.add(op)
-        if self.cal.cpu and self._ref is None:  # the engine's bookkeeping around each timed op
-            seconds += SPAN_CALLS * self.cal.call_s
         if self._ref is not None:
             seconds *= self._target.compute_s(op, model, *q, partial_ratio=partial_ratio) / \
                 self._ref.compute_s(op, model, *q, partial_ratio=partial_ratio)
@@ -286,9 +350,23 @@ class BundleCosts:
         """The runtime-only ops (costs.RUNTIME_OPS) the bundle measured: the replay includes those."""
         return frozenset(op for op in RUNTIME_OPS if op in self.cal.kernels.fits)
 
-    def handoff_s(self) -> float:
-        """CPU runtime: seconds one copy-worker job costs each thread (0 on a GPU or another card)."""
-        return self.cal.handoff[0] if self._ref is None else 0.0
+    def span_s(self, op: str) -> float:
+        """CPU runtime: the engine's span bookkeeping after pipeline op `op` on the compute thread
+        (SPANS_PER_OP spans of the point's model; 0 on a GPU or another card)."""
+        if not self.cal.cpu or self._ref is not None or self.model is None:
+            return 0.0
+        return SPANS_PER_OP.get(op, 1) * self.cal.span_s(self.model)
+
+    def handoff_s(self, nbytes: float) -> float:
+        """CPU runtime: seconds a layer's copy-worker jobs, moving `nbytes`, cost the compute thread
+        (0 on a GPU or another card)."""
+        if self.cal.handoff is None or self._ref is not None:
+            return 0.0
+        return self.cal.handoff.layer_s(self.policy, nbytes)
+
+    def job_s(self) -> float:
+        """CPU runtime: seconds one copy-worker job costs the worker itself (0 on a GPU or another card)."""
+        return self.cal.handoff.job_s(self.policy) if self.cal.handoff is not None and self._ref is None else 0.0
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "profile", "calibration": self.calibration, "bundle": str(self.cal.path),

@@ -17,7 +17,11 @@ Placement (`Placement`): on a GPU box the copies run on their own copy engines a
 host thread, as above. The runtime's CPU mode (`CPU_PLACEMENT`) has no copy engines: the copy
 worker thread runs the gathers and the host->"device" copies (one FIFO resource, `host_cpu`), and
 device->host copies run inline on the compute thread (`gpu`) in program order: the indices after
-top-k, the new token's K/V after QKV, each prefill layer's K/V store before its attention.
+top-k, the new token's K/V after QKV, each prefill layer's K/V store before its attention. Two
+costs of that runtime's Python ride on the compute thread when the cost model prices them: a
+`span` after every op (its timer's bookkeeping) and, per offloaded layer, a `handoff` (what handing
+its fetch and commit jobs to the worker costs the compute thread); the worker pays a `job` per job.
+A measured `skew` (InfiniGen's prefill) runs on the speculated layers only, as in the runtime.
 
 All times are seconds. State lives in a `Machine` (the environment and its resources); a run is
 deterministic. `simulate_full` replays every layer of every step; `simulate_fast` replays a few
@@ -62,11 +66,13 @@ class Placement:
     h2d: str = "h2d_link"  # resource that runs host->device copies
     gather: str = "host_cpu"  # resource that runs the host gather
     d2h_inline: bool = False  # device->host copies run on `gpu`, in program order
-    handoff: bool = False  # each job handed to the copy worker costs both threads `costs.handoff_s()`
+    handoff: bool = False  # a layer's copy-worker jobs cost the compute thread `costs.handoff_s(bytes)`,
+    # each job the worker `costs.job_s()`
+    spans: bool = False  # each op on `gpu` is followed by the runtime's timing bookkeeping, `costs.span_s(op)`
 
 
 GPU_PLACEMENT = Placement()
-CPU_PLACEMENT = Placement(h2d="host_cpu", gather="host_cpu", d2h_inline=True, handoff=True)
+CPU_PLACEMENT = Placement(h2d="host_cpu", gather="host_cpu", d2h_inline=True, handoff=True, spans=True)
 
 
 @dataclass(frozen=True)
@@ -147,7 +153,8 @@ class LayerTimes(NamedTuple):
     writeback: float
     weights: float
     score: float = 0.0  # H2O: the step's score update after attention (when the cost model measured it)
-    handoff: float = 0.0  # CPU runtime: one job handed to the copy worker (its GIL-holding Python)
+    handoff: float = 0.0  # CPU runtime: what the layer's copy-worker jobs (fetch, commit) cost the compute thread
+    job: float = 0.0  # CPU runtime: what one job costs the worker itself
 
 
 def layer_times(sc: Scenario, work: LayerWork, context_len: int) -> LayerTimes:
@@ -171,15 +178,16 @@ def layer_times(sc: Scenario, work: LayerWork, context_len: int) -> LayerTimes:
         weights=cost.h2d_s(sc.streamed_weight_bytes, False),
         score=cost.compute_s("score", model, batch, 1, work.attend_tokens)
         if sc.policy.name is PolicyName.H2O and measured_op(sc, "score") else 0.0,
-        handoff=_handoff_s(sc) if work.writeback_bytes > 0 else 0.0,
+        handoff=_handoff_price(sc, "handoff_s", work.fetch_bytes) if work.writeback_bytes > 0 else 0.0,
+        job=_handoff_price(sc, "job_s") if work.writeback_bytes > 0 else 0.0,
     )
 
 
-def _handoff_s(sc: Scenario) -> float:
-    """Seconds one copy-worker job costs each thread (0 unless the placement hands jobs over and the
-    cost model prices it: `handoff_s()` is optional in a CostModel)."""
-    price = getattr(sc.costs, "handoff_s", None)
-    return float(price()) if sc.placement.handoff and price is not None else 0.0
+def _handoff_price(sc: Scenario, method: str, *args: float) -> float:
+    """Seconds of copy-worker jobs by cost-model method `method` (0 unless the placement hands jobs
+    over and the cost model prices them: `handoff_s(nbytes)` and `job_s()` are optional in a CostModel)."""
+    price = getattr(sc.costs, method, None)
+    return float(price(*args)) if sc.placement.handoff and price is not None else 0.0
 
 
 OpList = list[tuple[str, int, float]]  # (op name, layer, seconds), run back to back on one resource
@@ -196,6 +204,7 @@ class Machine:
         self.recorder = recorder if recorder is not None else Recorder()
         self.layer_start_s: list[float] = []  # when each layer began, in replay order
         self._times: dict[tuple[LayerWork, int], LayerTimes] = {}
+        self._span_s: dict[str, float] = {}
 
     def times(self, work: LayerWork, context_len: int) -> LayerTimes:
         key = (work, context_len)
@@ -203,8 +212,19 @@ class Machine:
             self._times[key] = layer_times(self.sc, work, context_len)
         return self._times[key]
 
+    def span_s(self, op: str) -> float:
+        """The runtime's bookkeeping after `op` on the compute thread (0 unless the cost model prices it:
+        `span_s()` is optional in a CostModel)."""
+        if op not in self._span_s:
+            price = getattr(self.sc.costs, "span_s", None)
+            self._span_s[op] = float(price(op)) if price is not None else 0.0
+        return self._span_s[op]
+
     def hold(self, resource: str, ops: OpList, step: int) -> Generator[simpy.Event, Any, None]:
         """Run `ops` back to back on `resource` once it is free (one request for the batch of ops)."""
+        if resource == "gpu" and self.sc.placement.spans:
+            spans = [(op, ("span", op[1], self.span_s(op[0]))) for op in ops]
+            ops = [entry for op, span in spans for entry in ((op, span) if span[2] > 0 else (op,))]
         with self.resources[resource].request() as req:
             yield req
             start = self.env.now
@@ -242,7 +262,7 @@ def prefetch(m: Machine, st: StepState, layer: int, t: LayerTimes) -> Generator:
         yield from m.hold("d2h_link", [("indices", layer, t.indices)], st.step)
     if st.prev_writes and st.prev_writes[layer] is not None:
         yield st.prev_writes[layer]  # the host copy must hold last step's token before it is read
-    ops: OpList = [("job", layer, t.handoff)] if t.handoff else []  # the job's own Python, on the worker
+    ops: OpList = [("job", layer, t.job)] if t.job else []  # the job's own Python, on the worker
     if work.gathered:
         yield from m.hold(m.gather, [*ops, ("gather", layer, t.gather)], st.step)
         ops = []
@@ -296,8 +316,8 @@ def decode_layer(m: Machine, st: StepState, layer: int) -> Generator:
         gpu_ops.append(("quantize", layer, t.quantize))
     if work.writeback_bytes > 0 and m.sc.placement.d2h_inline:  # the compute thread copies it itself
         gpu_ops.append(("writeback_kv", layer, t.writeback))
-    if t.handoff:  # this layer's fetch and commit jobs hold the GIL while the compute thread waits for it
-        gpu_ops.append(("handoff", layer, 2 * t.handoff))
+    if t.handoff:  # this layer's fetch and commit jobs take the GIL (and the core) from the compute thread
+        gpu_ops.append(("handoff", layer, t.handoff))
     yield from m.hold("gpu", gpu_ops, st.step)
     if work.writeback_bytes > 0 and not m.sc.placement.d2h_inline:
         st.written[layer] = m.env.process(write_back(m, st.step, layer, t.writeback))
@@ -389,7 +409,8 @@ def prefill(m: Machine, n_layers: int) -> Generator:
         for event in (weights[layer], stores[layer - 2] if layer >= 2 else None):  # two staging buffers
             if event is not None:
                 yield event
-        before = [(op, layer, s) for op, s in t.before_store]
+        before = [(op, layer, s) for op, s in t.before_store
+                  if op != "skew" or layer >= m.sc.policy.full_fetch_layers]  # the runtime skews speculated layers
         if t.store > 0 and m.sc.placement.d2h_inline:  # the compute thread stores it before attending
             before.append(("store_kv", layer, t.store))
         yield from m.hold("gpu", before, PREFILL)

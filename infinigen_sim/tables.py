@@ -3,8 +3,8 @@
 The pieces `calibrate.BundleCosts` prices a point from (see calibrate.py for the lookup rules):
   Grid          seconds on a rectangular grid of log coordinates; log-log multilinear between nodes,
                 unmeasured nodes filled from the nearest measured one and remembered as filled;
-  KernelTables  one Grid per (op, model, regime) from kernels.csv, an `OpFit` per op, and the
-                cache-vs-memory rates (`MemoryLevels`) from the d2d copy curve;
+  KernelTables  one Grid per (op, model, regime) from kernels.csv and an `OpFit` per op (the rows
+                are timed as a step runs the ops, weights and K/V from memory: used as they are);
   CopyTable     one Grid per copy layout from transfers.csv, with an affine fit that extrapolates it;
   bundle_hardware   the profiled box as a HardwareConfig of its measured ceilings.
 Op names: the runtime times `o_proj` and `ffn` (the MLP) apart; the cost model's `ffn` is their sum.
@@ -18,7 +18,7 @@ import itertools
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -296,11 +296,10 @@ class KernelTables:
     dtype_bytes: int
     grids: dict[tuple[str, str, str], Grid]
     fits: dict[str, OpFit]
-    memory: MemoryLevels = field(default_factory=lambda: MemoryLevels(math.inf, math.inf, 0.0))
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, source: HardwareConfig) -> KernelTables:
-        tables = cls(source, bundle_dtype_bytes(bundle), {}, {}, memory_levels(bundle))
+        tables = cls(source, bundle_dtype_bytes(bundle), {}, {})
         seconds = {k: v for k, v in _kernel_seconds(bundle).items() if _zoo(k[1]) is not None}
         by_op: dict[str, tuple[list[float], list[float]]] = {}
         for (op, model, _), points in seconds.items():
@@ -329,19 +328,7 @@ class KernelTables:
         return self.fits[op].seconds(self.roofline_s(op, model, q, partial_ratio))
 
     def seconds(self, op: str, model: ModelSpec, q: Query, partial_ratio: float) -> tuple[float, bool] | None:
-        """(seconds on the profiled card, exact) or None when the bundle never measured the op.
-
-        kernels.py times an op on the same layer-0 weights and rows call after call, so an op whose
-        bytes fit in the cache ran from cache, while a step reads every layer's once, from memory:
-        such an op pays its bytes again at the difference of the two rates (`MemoryLevels`).
-        """
-        found = self._table_seconds(op, model, q, partial_ratio)
-        if found is None:
-            return None
-        nbytes = op_work(op, model, *q, partial_ratio, self.dtype_bytes).hbm_bytes
-        return found[0] + self.memory.cold_s(nbytes), found[1]
-
-    def _table_seconds(self, op: str, model: ModelSpec, q: Query, partial_ratio: float) -> tuple[float, bool] | None:
+        """(seconds on the profiled card, exact) or None when the bundle never measured the op."""
         if op not in self.fits:
             return None
         if op != "speculate":
@@ -362,40 +349,6 @@ def _same_shapes(a: ModelSpec | None, b: ModelSpec) -> bool:
     """Whether one layer (and the embedding and head) of `a` and `b` do the same work."""
     keys = ("family", "d_model", "n_heads", "n_kv_heads", "d_ffn", "vocab_size")
     return a is not None and all(getattr(a, k) == getattr(b, k) for k in keys)
-
-
-STREAM_MIN_BYTES = 64 << 20  # copies at least this large run past any last-level cache
-
-
-@dataclass(frozen=True)
-class MemoryLevels:
-    """Cache vs memory, from the d2d copy curve: the best rate (cached), the best rate among copies
-    >= STREAM_MIN_BYTES (memory), and the bytes (source + destination) of the largest copy still
-    closer in rate to the first than to the second."""
-
-    cache_gbps: float
-    stream_gbps: float
-    cache_bytes: float
-
-    def cold_s(self, nbytes: float) -> float:
-        """Extra seconds to read `nbytes` from memory rather than from cache (0 past the cache size)."""
-        if nbytes > self.cache_bytes or self.stream_gbps >= self.cache_gbps:
-            return 0.0
-        return nbytes * (1 / self.stream_gbps - 1 / self.cache_gbps) / 1e9
-
-
-def memory_levels(bundle: Bundle) -> MemoryLevels:
-    """MemoryLevels of a bundle. Without copies >= STREAM_MIN_BYTES (a quick bundle) the largest copy
-    stands for memory: if it still ran from cache the two rates agree and the penalty vanishes."""
-    d2d = _copy_rows(bundle, "d2d", "contiguous", False, "device")
-    if d2d.empty:
-        return MemoryLevels(math.inf, math.inf, 0.0)
-    gbps = d2d["nbytes"] / (d2d["median_us"] * 1e3)
-    big = gbps[d2d["nbytes"] >= min(STREAM_MIN_BYTES, d2d["nbytes"].max())]
-    cache, stream = float(gbps.max()), float(big.max())
-    middle = math.sqrt(cache * stream)  # halfway in log: closer to the cached rate above it
-    sizes = d2d["nbytes"][(gbps >= middle) & (d2d["nbytes"] >= d2d["nbytes"][gbps.idxmax()])]
-    return MemoryLevels(cache, stream, 2.0 * float(sizes.max()) if not sizes.empty else 0.0)  # src + dst
 
 
 def _zoo(name: str) -> ModelSpec | None:

@@ -13,8 +13,9 @@ ceilings). A CPU bundle is replayed with `pipeline.CPU_PLACEMENT`, the runtime's
 host->"device" copies, and device->host copies run inline on the compute thread; K/V elements are
 fp32 (the CPU runtime's dtype).
 
-Measured step = the median decode-step wall time of a run (robust to a stray descheduling on a
-shared box); predicted step = the median replayed decode step. Prefill: one wall time each.
+Measured step = the median over a run's decode steps of each step's wall time, itself the median
+over the run's repeated generations (profiler.steps); prefill = the median prefill wall time. Both
+are robust to a stray descheduling on a shared box. Predicted step = the median replayed decode step.
 Writes BUNDLE/validation.csv and BUNDLE/validation.md; prints the summary, ending with
 `median_abs_error_pct=X p95_abs_error_pct=Y` over every step and prefill error.
 """
@@ -45,7 +46,7 @@ PHASES = {"o_proj": "ffn", "h2d": "h2d", "d2h": "d2h", "gather": "gather", "wait
 SIM_PHASES = {"fetch_kv": "h2d", "load_weights": "h2d", "indices": "d2h", "writeback_kv": "d2h", "store_kv": "d2h",
               "job": "commit"}  # the copy worker's own Python per job: beside the runtime's commit phase
 WORKER_PHASES = ("h2d", "gather", "commit")  # the CPU runtime runs these on its copy worker
-NOT_WORK = ("wait", "handoff")  # not a timed phase of the runtime: inside its wall time, outside its phases
+NOT_WORK = ("wait", "handoff", "span")  # not a timed phase of the runtime: inside its wall time, outside its phases
 
 
 @dataclass(frozen=True)
@@ -170,8 +171,8 @@ def explain(measured: dict[str, float], predicted: dict[str, float], wall_m: flo
     """The phase whose predicted - measured seconds is largest in size, with the unattributed rest.
 
     Compute-thread phases are compared one by one; what the wall holds beyond them (Python glue,
-    waits; the model's copy-worker handoffs) is 'unattributed'. On the CPU the worker phases overlap
-    compute and are compared apart.
+    waits; the model's span bookkeeping and copy-worker handoffs) is 'unattributed'. On the CPU the
+    worker phases overlap compute and are compared apart.
     """
     names = set(measured) | set(predicted)
     deltas = {n: predicted.get(n, 0.0) - measured.get(n, 0.0) for n in names if n not in NOT_WORK}

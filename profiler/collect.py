@@ -1,7 +1,7 @@
 """`python -m profiler.collect`: measure a profile bundle (meta.yaml, transfers.csv, kernels.csv, steps.csv).
 
-Thin entry: parse, seed, write meta, then the copy sweep (`profiler.transfers`), the op sweep
-(`profiler.kernels`) and the end-to-end runs (`profiler.steps`), each appending rows through
+Thin entry: parse, seed, write meta, then the copy sweep (`profiler.transfers`) and, model by model,
+the op sweep (`profiler.kernels`) and the end-to-end runs (`profiler.steps`), each appending rows through
 `bundle.append_rows` as they complete. `--resume` skips rows whose key is already in the bundle, so a
 killed run loses nothing and duplicates nothing. Ends by reading the bundle back and printing a
 summary with roofline figures. With `--fetch-model smollm2-135m` a last pass counts InfiniGen's
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,8 @@ class CollectConfig:
     warmup: int | None = field(default=None, metadata={"help": "untimed calls first, >= 1 (default 3; quick 1)"})
     seed: int = field(default=0, metadata={"help": "seed of every random input and gather index"})
     threads: int | None = field(default=None, metadata={
-        "help": "torch CPU threads (default: torch's choice); 1 keeps CPU timings stable on a shared box"})
+        "help": "torch CPU threads (default: 1 on cpu, which keeps timings stable on a shared box; "
+                "torch's choice on cuda)"})
     fetch_model: str | None = field(default=None, metadata={
         "help": f"pretrained model ({', '.join(PRETRAINED)}) whose InfiniGen speculation fills fetch.csv "
                 "(default: no fetch pass)"})
@@ -166,7 +167,8 @@ def resolve(config: CollectConfig) -> Plan:
     if config.threads is not None and config.threads < 1:
         raise UsageError(f"--threads must be >= 1 (got {config.threads})")
     return Plan(torch.device(device_type), tuple(dict.fromkeys(models)), policies, Path(config.out),
-                config.quick, config.resume, repeats, warmup, config.seed, config.threads or torch.get_num_threads(),
+                config.quick, config.resume, repeats, warmup, config.seed,
+                config.threads or (1 if device_type == "cpu" else torch.get_num_threads()),
                 resolve_fetch(config), config.fetch_only)
 
 
@@ -236,14 +238,14 @@ def plan_meta(plan: Plan) -> dict[str, Any]:
             "infinigen_row": f"one token's K or V row of one layer of {REFERENCE_MODEL} in fp16",
             "batch_strided_sequences": BATCH_SEQS, "gather_pool_bytes": sweep.pool_bytes,
             "concurrent_load": load_description(plan.device),
+            "handoff_model": sweep.handoff_model.name if sweep.handoff_model else "none (copy engines: no handoff)",
             "timing": "CUDA events on the copy stream; host gather by perf_counter" if cuda
             else "perf_counter on the worker thread that copies (host tensor -> host tensor memcpy)",
         },
         "kernels": {
             "dtype": dtype_name(plan.device),
             "grid": _plain(asdict(GRIDS[(plan.device.type, plan.quick)])),
-            "ops_source": "profiler.runtime: ops.decode_ops (decode) and the model's modules (prefill) on layer 0 "
-                          "of a one-layer copy of each model; quantize/dequantize timed for K and V",
+            **kernels.describe(plan.device, list(plan.models)),
             "timing": "CUDA events on the compute stream" if cuda else "perf_counter",
         },
         "steps": {"grid": _plain(asdict(STEP_GRIDS[(plan.device.type, plan.quick)])),
@@ -288,11 +290,14 @@ def run_steps(plan: Plan, bar: tqdm) -> None:
     """End-to-end runs through the runtime engine, skipping finished ones."""
     path = plan.out / "steps.csv"
     done = done_keys(path, STEP_KEY) if plan.resume else set()
-    bench = StepBench(plan.device, {m.name: m for m in plan.models}, plan.seed)
-    for run in plan_runs(plan):
-        if run.final_key not in done:
-            bar.set_postfix_str(run.run_id, refresh=False)
-            append_rows(path, [r for r in bench.measure(run) if row_key(r, STEP_KEY) not in done], STEP_COLUMNS)
+    grid = STEP_GRIDS[(plan.device.type, plan.quick)]
+    bench = StepBench(plan.device, {m.name: m for m in plan.models}, plan.seed, grid.repeats)
+    runs = plan_runs(plan)
+    todo = [run for run in runs if run.final_key not in done]
+    bar.update(len(runs) - len(todo))
+    for run, rows in bench.measure_runs(todo):  # in rounds: a model's runs arrive together
+        bar.set_postfix_str(run.run_id, refresh=False)
+        append_rows(path, [r for r in rows if row_key(r, STEP_KEY) not in done], STEP_COLUMNS)
         bar.update()
 
 
@@ -325,9 +330,8 @@ def count_points(plan: Plan) -> int:
 
 
 def plan_runs(plan: Plan) -> list[StepRun]:
-    """End-to-end runs: every policy on every model (quick: on the first model only)."""
-    models = list(plan.models[:1] if plan.quick else plan.models)
-    return step_runs(models, list(plan.policies), STEP_GRIDS[(plan.device.type, plan.quick)])
+    """End-to-end runs: every policy on every model."""
+    return step_runs(list(plan.models), list(plan.policies), STEP_GRIDS[(plan.device.type, plan.quick)])
 
 
 def collect(plan: Plan, existing_meta: dict[str, Any] | None = None) -> str:
@@ -348,8 +352,9 @@ def collect(plan: Plan, existing_meta: dict[str, Any] | None = None) -> str:
     with tqdm(total=count_points(plan), unit="point", desc="collect", dynamic_ncols=True) as bar:
         if not plan.fetch_only:
             run_transfers(plan, bar, generator)
-            run_kernels(plan, bar)
-            run_steps(plan, bar)
+            for model in plan.models:  # a model's runs right after its ops: one state of a shared box
+                run_kernels(replace(plan, models=(model,)), bar)
+                run_steps(replace(plan, models=(model,)), bar)
         if plan.fetch is not None:
             run_fetch(plan, bar)
     meta["completed_utc"] = utc_now()

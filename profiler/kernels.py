@@ -1,45 +1,50 @@
-"""Op sweep: each runtime op timed alone over a batch x length grid, the rows of kernels.csv.
+"""Op sweep: each runtime op timed over a batch x length grid, the rows of kernels.csv.
 
-The ops are the runtime's own, on layer 0 of a one-layer copy of the model (room made for the
-longest grid length in its position table): decode points time the callables of
-`profiler.runtime.ops.decode_ops`; prefill points call the same model modules the engine's prefill
-calls (`embed`, `input_layernorm`, `qkv`, `prefill_attention`, `o_proj`, `mlp`) and `quant.quantize`.
-quantize and dequantize are timed as the engine's phase runs them: once for K, once for V.
+The ops are the runtime's own calls (`profiler.kernel_passes`), timed as a step runs them: a pass
+calls every layer's ops in the engine's order, each layer with its own weights and K/V rows, so an
+op reads its weights and rows from wherever a step would (memory, not a cache that the previous
+call just filled). The model copy has enough layers that the weights read between two calls of one
+layer exceed COLD_FACTOR x the last-level cache, at most the model's own layers (on the CPU presets:
+all of them); the policy ops' K/V rows likewise. Prefill ops are compute-bound and run on layer 0.
+Each op's row is the median over every (pass, layer) sample.
 
 Op names are the runtime's phases (`profiler.runtime.timing.Phase`, also used in steps.csv):
-`o_proj` and `ffn` (the MLP) are separate, where `infinigen_sim.costs` prices `ffn` as both. Keys:
+`o_proj` and `ffn` (the MLP) are separate, where `infinigen_sim.costs` prices `ffn` as both;
+`span` is the engine's bookkeeping around one timed op (an empty PhaseTimer span). Keys:
   n_tokens  tokens each sequence pushes through the op (1 in decode, n in prefill; the K/V rows
             converted for quantize / dequantize)
-  kv_len    cached rows attention / speculate / topk read (decode attention also reads the new
-            token's row: kv_len + 1); 0 for ops that read no cache
+  kv_len    cached rows attention / speculate / topk / score read (decode attention also reads the
+            new token's row: kv_len + 1); 0 for ops that read no cache
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import time
+from collections import defaultdict
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
 from infinigen_sim.bundle import KERNEL_KEY, row_key
 from infinigen_sim.models import Family, ModelSpec
-from infinigen_sim.policies import PolicyConfig, make_policy
+from infinigen_sim.policies import make_policy
+from profiler.kernel_passes import Pass, cache_pass, decode_pass, gc_paused, prefill_pass
 from profiler.runtime.engine import default_dtype
-from profiler.runtime.model import Transformer, build_model, prefill_attention
-from profiler.runtime.ops import decode_ops
-from profiler.runtime.quant import quantize
+from profiler.runtime.model import Transformer, build_model
 from profiler.runtime.skew import partial_column_count
-from profiler.timing import is_oom, summarize, time_fn
+from profiler.timing import is_oom, summarize, synchronize
 
 TOKEN_OPS = ("embed", "norm", "qkv", "o_proj", "ffn", "quantize")  # decode (n_tokens=1) and prefill (n)
-DECODE_ONLY_OPS = ("lm_head",)  # prefill samples only the last position: n_tokens=1 always
-CACHE_OPS = ("attention", "speculate", "topk")  # one query per sequence over kv_len cached rows
-PAIRED_OPS = ("quantize", "dequantize")  # the engine's phase runs these for K and for V
-OPS = (*TOKEN_OPS, *DECODE_ONLY_OPS, *CACHE_OPS, "dequantize")
+DECODE_ONLY_OPS = ("lm_head", "span")  # prefill samples only the last position: n_tokens=1 always
+CACHE_OPS = ("attention", "speculate", "topk", "score")  # one query per sequence over kv_len cached rows
+PREFILL_OPS = (*TOKEN_OPS, "skew")
+PREFILL_CACHE_OPS = ("attention", "score")  # prefill: n tokens over their own n rows
+OPS = (*TOKEN_OPS, *DECODE_ONLY_OPS, *CACHE_OPS, "dequantize", "skew")
 OP_POLICY = "infinigen"  # its defaults carry every op parameter (partial ratio, alpha, cap, int4 group)
-
-Op = Callable[[], object]
+COLD_FACTOR = 4  # bytes read between two calls of one layer's op: at least this many last-level caches
+DEFAULT_LLC_BYTES = 32 << 20  # when the device does not say
 
 
 def octaves(lo: int, hi: int) -> tuple[int, ...]:
@@ -51,7 +56,7 @@ class KernelGrid:
     """Which (batch, length) points the sweep measures."""
 
     batches: tuple[int, ...]
-    kv_lens: tuple[int, ...]  # decode: cached rows read by attention / speculate / topk / dequantize
+    kv_lens: tuple[int, ...]  # decode: cached rows read by attention / speculate / topk / score / dequantize
     prefill_lens: tuple[int, ...]  # prefill: prompt tokens per sequence
     max_prefill_tokens: int  # prefill points with batch x n above this are not measured
 
@@ -61,16 +66,53 @@ class KernelGrid:
 
 
 GRIDS = {
-    ("cuda", False): KernelGrid(octaves(1, 64), octaves(128, 32768), octaves(128, 32768), 65536),
-    ("cuda", True): KernelGrid((1, 8), (128, 2048, 8192), (128, 2048), 16384),
-    ("cpu", False): KernelGrid(octaves(1, 8), octaves(128, 4096), octaves(128, 4096), 16384),
-    ("cpu", True): KernelGrid((1, 8), (128, 2048), (128,), 1024),
+    ("cuda", False): KernelGrid(octaves(1, 64), octaves(16, 32768), octaves(128, 32768), 65536),
+    ("cuda", True): KernelGrid((1, 8), (16, 128, 2048, 8192), (128, 2048), 16384),
+    ("cpu", False): KernelGrid(octaves(1, 4), octaves(16, 2048), octaves(128, 1024), 4096),
+    # the quick steps (profiler.steps) run batch 2 at prompts 128 and 256: their points are nodes
+    ("cpu", True): KernelGrid((2, 4), (16, 32, 64, 128, 256, 512), (128, 256), 1024),
 }
 
 
 def dtype_name(device: torch.device) -> str:
     """The runtime's dtype on this device: float16 on CUDA, float32 on CPU."""
     return str(default_dtype(device)).removeprefix("torch.")
+
+
+def last_level_cache_bytes(device: torch.device) -> int:
+    """The GPU's L2, or the CPU's largest cache level (sysfs); DEFAULT_LLC_BYTES when neither says."""
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)) or DEFAULT_LLC_BYTES
+    best = (0, 0)
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level, size = int((index / "level").read_text()), (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        nbytes = int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+        best = max(best, (level, nbytes))
+    return best[1] or DEFAULT_LLC_BYTES
+
+
+def cold_layers(n_layers: int, layer_bytes: float, llc_bytes: int) -> int:
+    """Distinct layers to cycle so the others' bytes exceed COLD_FACTOR x the LLC (at most n_layers)."""
+    return max(1, min(n_layers, math.ceil(COLD_FACTOR * llc_bytes / max(layer_bytes, 1.0)) + 1))
+
+
+def describe(device: torch.device, models: list[ModelSpec]) -> dict:
+    """meta.yaml's account of how the ops were run (kernels section)."""
+    llc = last_level_cache_bytes(device)
+    dtype_bytes = torch.empty(0, dtype=default_dtype(device)).element_size()
+    return {
+        "ops_source": "profiler.kernel_passes: the runtime's model modules and KV caches (their own PhaseTimer "
+                      "spans for the policy ops), every layer of a model copy in the engine's order per pass; "
+                      "row = median over passes x layers",
+        "last_level_cache_bytes": llc,
+        "cold_rule": f"layers cycled: weights (and K/V rows) of the others >= {COLD_FACTOR} x the last-level cache, "
+                     "at most the model's layers; prefill ops on layer 0",
+        "layers_cycled": {m.name: cold_layers(m.n_layers, m.layer_weight_bytes(dtype_bytes), llc) for m in models},
+    }
 
 
 @dataclass(frozen=True)
@@ -98,33 +140,34 @@ class KernelPoint:
 
 @dataclass(frozen=True)
 class KernelTask:
-    """Points that share one set of inputs: a decode step over kv_len rows, or a prefill of n tokens."""
+    """Points measured by one pass: a decode step's token ops, its policy ops over kv_len rows, or a prefill."""
 
-    phase: str  # decode | prefill
+    phase: str  # decode | cache | prefill
     model: str
     batch_size: int
-    length: int  # kv_len (decode) or n (prefill)
+    length: int  # 1 (decode), kv_len (cache) or n (prefill)
     points: tuple[KernelPoint, ...]
 
     @property
     def label(self) -> str:
-        return f"{self.phase} {self.model} b{self.batch_size} {'kv' if self.phase == 'decode' else 'n'}{self.length}"
+        length = {"decode": "", "cache": f" kv{self.length}", "prefill": f" n{self.length}"}[self.phase]
+        return f"{self.phase} {self.model} b{self.batch_size}{length}"
 
 
 def kernel_tasks(models: list[ModelSpec], dtype: str, grid: KernelGrid) -> list[KernelTask]:
-    """Every task of the grid for every model; token ops ride on the shortest decode task."""
+    """Every task of the grid for every model."""
     tasks = []
     for spec in models:
         for b in grid.batches:
             point = lambda op, n, kv: KernelPoint(op, spec.name, dtype, b, n, kv)  # noqa: E731,B023
-            for i, kv in enumerate(grid.kv_lens):
+            tokens = [point(op, 1, 0) for op in TOKEN_OPS + DECODE_ONLY_OPS]
+            tasks.append(KernelTask("decode", spec.name, b, 1, tuple(tokens)))
+            for kv in grid.kv_lens:
                 points = [point(op, 1, kv) for op in CACHE_OPS] + [point("dequantize", kv, 0)]
-                if i == 0:
-                    points = [point(op, 1, 0) for op in TOKEN_OPS + DECODE_ONLY_OPS] + points
-                tasks.append(KernelTask("decode", spec.name, b, kv, tuple(points)))
+                tasks.append(KernelTask("cache", spec.name, b, kv, tuple(points)))
             for n in grid.prefill_lens:
                 if b * n <= grid.max_prefill_tokens:
-                    points = [point(op, n, 0) for op in TOKEN_OPS] + [point("attention", n, n)]
+                    points = [point(op, n, 0) for op in PREFILL_OPS] + [point(op, n, n) for op in PREFILL_CACHE_OPS]
                     tasks.append(KernelTask("prefill", spec.name, b, n, tuple(points)))
     return tasks
 
@@ -133,67 +176,101 @@ def kernel_points(models: list[ModelSpec], dtype: str, grid: KernelGrid) -> list
     return [p for task in kernel_tasks(models, dtype, grid) for p in task.points]
 
 
-def prefill_ops(model: Transformer, policy: PolicyConfig, batch: int, n: int, seed: int = 0) -> dict[str, Op]:
-    """The engine's prefill calls for layer 0 over n prompt tokens, on seeded random inputs."""
-    spec, p = model.spec, next(model.parameters())
-    dev, dt = p.device, p.dtype
-    gen = torch.Generator(device=dev).manual_seed(seed)
+def run_passes(p: Pass, device: torch.device, passes: int, warmup: int) -> tuple[dict[str, list[float]], set[str]]:
+    """({op: microseconds of every call in every timed pass}, ops that ran out of memory).
 
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(shape, device=dev, dtype=dt, generator=gen)
+    Calls timed from outside get CUDA events on the current stream (perf_counter on CPU); all are
+    read after the pass, when it has synchronised once. An op that runs out of memory leaves the pass.
+    """
+    samples: dict[str, list[float]] = defaultdict(list)
+    failed: set[str] = set()
+    entries = list(p.entries)
+    cuda = device.type == "cuda"
+    for i in range(warmup + passes):
+        p.timer.collect(p.n_layers)
+        marks = []
+        for entry in list(entries):
+            try:
+                if entry.spans or not entry.op:  # timed by its spans, or context
+                    entry.call()
+                    continue
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    entry.call()
+                    end.record()
+                    marks.append((entry.op, start, end))
+                else:
+                    t0 = time.perf_counter()
+                    entry.call()
+                    marks.append((entry.op, t0, time.perf_counter()))
+            except Exception as exc:  # noqa: BLE001 - only allocator exhaustion is recorded, the rest re-raised
+                _reraise_unless_oom(exc, device)
+                failed.update(entry.ops)
+                entries = [e for e in entries if not set(e.ops) & failed]
+        synchronize(device)
+        per_layer, model = p.timer.collect(p.n_layers)
+        if i < warmup:
+            continue
+        for op, start, end in marks:
+            samples[op].append(start.elapsed_time(end) * 1e3 if cuda else (end - start) * 1e6)
+        for entry in entries:
+            phases = model if entry.layer < 0 else per_layer[entry.layer]
+            for op, phase in entry.spans:
+                if phase.value in phases:
+                    samples[op].append(phases[phase.value] * 1e6)
+    return samples, failed
 
-    block, pos = model.layers[0], torch.arange(n, device=dev)
-    tokens = torch.randint(0, spec.vocab_size, (batch, n), device=dev, generator=gen)
-    x = rand(batch, n, spec.d_model)
-    q = rand(batch, n, spec.n_heads, spec.head_dim)  # (B, T, H, D)
-    k, v = rand(batch, n, spec.n_kv_heads, spec.head_dim), rand(batch, n, spec.n_kv_heads, spec.head_dim)
-    rows = rand(n, batch, spec.kv_dim)  # token-major prompt rows of one plane, as the cache encodes them
-    ops = {
-        "embed": lambda: model.embed(tokens, pos),
-        "norm": lambda: block.input_layernorm(x),
-        "qkv": lambda: model.qkv(0, x, pos),
-        "attention": lambda: prefill_attention(q, k, v),
-        "o_proj": lambda: block.self_attn.o_proj(x),
-        "ffn": lambda: block.mlp(x),
-        "quantize": lambda: quantize(rows, policy.quant_bits, policy.quant_group),
-    }
-    return {name: torch.inference_mode()(fn) for name, fn in ops.items()}
 
-
-def _both_planes(fn: Op) -> Op:
-    """K then V: the engine's quantize / dequantize phase calls the op once per plane."""
-    return lambda: (fn(), fn())
+def _reraise_unless_oom(exc: Exception, device: torch.device) -> None:
+    if not is_oom(exc):
+        raise exc
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 class KernelBench:
-    """Runs each task's ops on a one-layer copy of its model and times them."""
+    """Runs each task's pass on a copy of its model with cold_layers layers and times the calls."""
 
     def __init__(self, device: torch.device, models: dict[str, ModelSpec], grid: KernelGrid, repeats: int,
                  warmup: int, seed: int) -> None:
         self.device, self.models, self.grid = device, models, grid
         self.repeats, self.warmup, self.seed = repeats, warmup, seed
-        self.policy = make_policy(OP_POLICY)
+        self.llc_bytes = last_level_cache_bytes(device)
+        self.dtype_bytes = torch.empty(0, dtype=default_dtype(device)).element_size()
         self._model: tuple[str, Transformer] | None = None
 
+    def layers(self, spec: ModelSpec) -> int:
+        """Layers of the model copy: enough that its weights run from memory, as in a step."""
+        return cold_layers(spec.n_layers, spec.layer_weight_bytes(self.dtype_bytes), self.llc_bytes)
+
+    def kv_layers(self, spec: ModelSpec, batch: int, kv_len: int) -> int:
+        """Layers whose K/V rows the cache ops cycle through: enough that they run from memory."""
+        rows = batch * kv_len * spec.kv_bytes_per_token(self.dtype_bytes)
+        return min(self.layers(spec), cold_layers(spec.n_layers, rows, self.llc_bytes))
+
     def model(self, name: str) -> Transformer:
-        """Layer 0 is all the ops touch; one layer keeps opt-13b's build to seconds. One model at a time."""
+        """The model copy, one at a time (the position table holds the longest grid length)."""
         if self._model is None or self._model[0] != name:
             self._model = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             spec = self.models[name]
-            spec = replace(spec, n_layers=1, max_positions=max(spec.max_positions, self.grid.longest + 1))
+            spec = replace(spec, n_layers=self.layers(spec),
+                           max_positions=max(spec.max_positions, self.grid.longest + 1))
             model = build_model(spec, self.seed).to(self.device, default_dtype(self.device)).eval()
             self._model = (name, model)
         return self._model[1]
 
-    def ops(self, task: KernelTask) -> dict[str, Op]:
+    def build(self, task: KernelTask) -> list[Pass]:
         model = self.model(task.model)
-        if task.phase == "decode":
-            ops = decode_ops(model, self.policy, task.batch_size, task.length, self.seed)
-        else:
-            ops = prefill_ops(model, self.policy, task.batch_size, task.length, self.seed)
-        return {name: _both_planes(fn) if name in PAIRED_OPS else fn for name, fn in ops.items()}
+        spec, b = self.models[task.model], task.batch_size
+        with torch.inference_mode():
+            if task.phase == "decode":
+                return [decode_pass(model, b, self.grid.kv_lens[0], self.seed)]
+            if task.phase == "cache":
+                return cache_pass(model, self.kv_layers(spec, b, task.length), b, task.length, self.seed)
+            return [prefill_pass(model, b, task.length, self.seed)]
 
     def measure(self, task: KernelTask, done: set[tuple[str, ...]] = frozenset()) -> list[dict]:
         """Rows for the task's points not in `done`; an exhausted allocator gives 'oom' rows."""
@@ -201,24 +278,16 @@ class KernelBench:
         if not todo:
             return []
         try:
-            ops = self.ops(task)
+            samples, failed = {}, set()
+            for p in self.build(task):
+                with torch.inference_mode(), gc_paused():
+                    got, lost = run_passes(p, self.device, self.repeats, self.warmup)
+                samples.update(got)
+                failed |= lost
         except Exception as exc:  # noqa: BLE001 - only allocator exhaustion is recorded, the rest re-raised
-            self._reraise_unless_oom(exc)
-            return [p.row(None, "oom") for p in todo]
-        rows = []
-        for point in todo:
-            try:
-                rows.append(point.row(time_fn(ops[point.op], self.device, self.repeats, self.warmup)))
-            except Exception as exc:  # noqa: BLE001
-                self._reraise_unless_oom(exc)
-                rows.append(point.row(None, "oom"))
-        return rows
-
-    def _reraise_unless_oom(self, exc: Exception) -> None:
-        if not is_oom(exc):
-            raise exc
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+            _reraise_unless_oom(exc, self.device)
+            return [point.row(None, "oom") for point in todo]
+        return [point.row(None, "oom") if point.op in failed else point.row(samples[point.op]) for point in todo]
 
 
 def op_bytes(op: str, spec: ModelSpec, batch: int, n_tokens: int, kv_len: int, dtype_bytes: int) -> float:
@@ -239,6 +308,9 @@ def op_bytes(op: str, spec: ModelSpec, batch: int, n_tokens: int, kv_len: int, d
         "topk": batch * spec.n_kv_heads * kv_len,
         "quantize": rows * 2 * kv * (1 + 0.5 / by),  # K and V in, 4-bit codes out
         "dequantize": rows * 2 * kv * (1 + 0.5 / by),
+        # H2O: the probabilities read, the scores and positions updated (one lane per KV head and row)
+        "score": batch * (kv_len + 1) * (spec.n_heads + 3 * spec.n_kv_heads),
+        "span": 0,
     }
     return float(table[op] * by)
 
@@ -272,8 +344,8 @@ def summary_lines(frame, models: dict[str, ModelSpec], dtype_bytes: int, ceiling
             for row in picked.itertuples():
                 nbytes = op_bytes(op, spec, batch, int(row.n_tokens), int(row.kv_len), dtype_bytes)
                 gbps = nbytes / (row.median_us * 1e3)
-                share = f"{100 * gbps / ceiling_gbps:5.1f}% of ceiling" if ceiling_gbps else ""
+                share = f"{100 * gbps / ceiling_gbps:5.1f}% of ceiling" if ceiling_gbps and nbytes else ""
+                rate = f"  {gbps:>8.2f} GB/s  {share}" if nbytes else ""
                 lines.append(f"  {name:<12} {op:<10} b{batch:<3} n{int(row.n_tokens):<5} kv{int(row.kv_len):<6}"
-                             f" {row.median_us:>10.1f} us [{row.p10_us:.1f}-{row.p90_us:.1f}]"
-                             f"  {gbps:>8.2f} GB/s  {share}")
+                             f" {row.median_us:>10.1f} us [{row.p10_us:.1f}-{row.p90_us:.1f}]{rate}")
     return lines

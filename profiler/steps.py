@@ -4,26 +4,38 @@ Validation data, not a cost table: one row per (run, phase, step, layer, op) wit
 engine's PhaseTimer summed for that op, the step's context length and the K/V rows per sequence
 fetched for that layer. Layer -1 holds what lies outside the decoder layers (embed, final norm,
 lm_head) and, as op `wall`, the step's wall time, written last so that its presence marks a finished
-run. Each run first does one untimed generation (allocator, kernels and copy worker warmed up).
-The model is built once per zoo entry and shared by its runs; InfiniGen runs go last because the
-InfiniGen cache folds its skew into the shared weights (attention-preserving, so timings are not
-affected, but the other policies should see the weights as built).
+run. Each run first does one untimed generation (allocator, kernels and copy worker warmed up), then
+`repeats` recorded ones on the same prompt, in rounds over the runs of a model (one generation of
+every run, then the next round), so that a slow spell of a shared box lands on one repeat of many
+runs rather than on every repeat of one; every row is the median over the repeats (the wall of a
+step, the prefill, each phase; the fetched rows too). Python's garbage collector is paused while a
+generation is timed (`kernel_passes.gc_paused`, as timeit does).
+The model is built once per zoo entry and shared by its runs; InfiniGen runs go last in a round
+because the InfiniGen cache folds its skew into the shared weights, so the first round of the other
+policies sees the weights as built (later rounds see them rotated: attention-preserving, the same
+shapes and work, so timings are not affected).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
+from itertools import groupby
 
+import numpy as np
 import torch
 
 from infinigen_sim.bundle import STEP_KEY, row_key
 from infinigen_sim.models import ModelSpec
 from infinigen_sim.policies import PolicyConfig, make_policy
+from profiler.kernel_passes import gc_paused
 from profiler.runtime.engine import Engine, default_dtype
 from profiler.runtime.model import Transformer, build_model
 from profiler.runtime.timing import MODEL_LAYER, StepRecord
 
 WALL_OP = "wall"
+SECONDS_DIGITS = 9  # steps.csv keeps nanoseconds: perf_counter's resolution, and a third of the bytes
 
 
 @dataclass(frozen=True)
@@ -33,13 +45,15 @@ class StepGrid:
     batches: tuple[int, ...]
     prompt_lens: tuple[int, ...]
     gen_len: int  # tokens generated per run: gen_len - 1 decode steps
+    repeats: int = 3  # recorded generations per run; rows are their medians
 
 
+# Every point inside the kernel grid of the same device and mode (profiler.kernels.GRIDS).
 STEP_GRIDS = {
-    ("cuda", False): StepGrid((1, 8), (512, 1536), 32),
-    ("cuda", True): StepGrid((1, 8), (512,), 8),
-    ("cpu", False): StepGrid((1, 4), (256, 1024), 16),
-    ("cpu", True): StepGrid((2,), (64,), 4),
+    ("cuda", False): StepGrid((1, 8), (512, 1536), 32, 3),
+    ("cuda", True): StepGrid((1, 8), (512,), 8, 3),
+    ("cpu", False): StepGrid((4,), (512,), 14, 3),  # the four CPU presets: a bundle under 2 MB
+    ("cpu", True): StepGrid((2,), (128, 256), 16, 3),
 }
 
 
@@ -91,8 +105,8 @@ def record_rows(run: StepRun, policy: PolicyConfig, phase: str, record: StepReco
 class StepBench:
     """Runs generations through the engine, one shared model per zoo entry."""
 
-    def __init__(self, device: torch.device, models: dict[str, ModelSpec], seed: int) -> None:
-        self.device, self.models, self.seed = device, models, seed
+    def __init__(self, device: torch.device, models: dict[str, ModelSpec], seed: int, repeats: int = 1) -> None:
+        self.device, self.models, self.seed, self.repeats = device, models, seed, repeats
         self._model: tuple[str, Transformer] | None = None
 
     def model(self, name: str) -> Transformer:
@@ -105,17 +119,65 @@ class StepBench:
         return self._model[1]
 
     def measure(self, run: StepRun) -> list[dict]:
-        """Warm-up generation, then the recorded one: prefill and every decode step."""
-        spec, policy = self.models[run.model], make_policy(run.policy)
-        gen = torch.Generator().manual_seed(self.seed)
-        prompt = torch.randint(0, spec.vocab_size, (run.batch_size, run.prompt_len), generator=gen)
-        with Engine(spec, policy, self.device, None, self.seed, model=self.model(run.model)) as engine:
-            engine.generate(prompt, run.gen_len)
-            result = engine.generate(prompt, run.gen_len)
+        """One run: warm-up generation, then the recorded ones; prefill and every decode step."""
+        return next(self.measure_runs([run]))[1]
+
+    def measure_runs(self, runs: list[StepRun]) -> Iterator[tuple[StepRun, list[dict]]]:
+        """(run, rows) for every run, in rounds per group (a model; on CUDA a model, batch and prompt,
+        so that the group's caches fit); a group's runs are yielded once its last round has run."""
+        def group(run: StepRun) -> tuple:
+            return (run.model,) if self.device.type == "cpu" else (run.model, run.batch_size, run.prompt_len)
+
+        for _, members in groupby(runs, key=group):
+            members = list(members)
+            results: dict[StepRun, list] = {run: [] for run in members}
+            with ExitStack() as stack:
+                engines, prompts = {}, {}
+                for run in members:
+                    spec = self.models[run.model]
+                    gen = torch.Generator().manual_seed(self.seed)
+                    prompts[run] = torch.randint(0, spec.vocab_size, (run.batch_size, run.prompt_len), generator=gen)
+                    engines[run] = stack.enter_context(Engine(spec, make_policy(run.policy), self.device, None,
+                                                              self.seed, model=self.model(run.model)))
+                    engines[run].generate(prompts[run], run.gen_len)  # warm-up
+                for _ in range(self.repeats):
+                    for run in members:
+                        with gc_paused():
+                            results[run].append(engines[run].generate(prompts[run], run.gen_len))
+            for run in members:
+                yield run, run_rows(run, results[run])
+
+
+def run_rows(run: StepRun, results: list) -> list[dict]:
+    """A run's rows: the median over its recorded generations of every (phase, step, layer, op)."""
+    policy = make_policy(run.policy)
+    repeats = []
+    for result in results:
         rows = record_rows(run, policy, "prefill", result.prefill)
         for record in result.steps:
             rows += record_rows(run, policy, "decode", record)
-        return rows
+        repeats.append(rows)
+    return median_rows(repeats)
+
+
+def median_rows(repeats: list[list[dict]]) -> list[dict]:
+    """The first repeat's rows, each with seconds (and fetched rows) the median over the repeats of its key.
+
+    A (layer, op) that only some repeats recorded counts 0 seconds in the others."""
+    values: dict[tuple[str, ...], list[tuple[float, int]]] = {}
+    order: dict[tuple[str, ...], dict] = {}
+    for rows in repeats:
+        for row in rows:
+            key = row_key(row, STEP_KEY)
+            order.setdefault(key, row)
+            values.setdefault(key, []).append((row["seconds"], row["fetched_tokens"]))
+    out = []
+    for key, row in order.items():
+        got = values[key] + [(0.0, 0)] * (len(repeats) - len(values[key]))
+        seconds, fetched = zip(*got, strict=True)
+        out.append({**row, "seconds": round(float(np.median(seconds)), SECONDS_DIGITS),
+                    "fetched_tokens": int(round(np.median(fetched)))})
+    return out
 
 
 def summary_lines(frame, models: dict[str, ModelSpec], dtype_bytes: int, ceiling_gbps: float | None) -> list[str]:

@@ -14,8 +14,12 @@ Key (direction, memory, layout, concurrent, nbytes, row_bytes):
               gathered.copy       the copy of the staging buffer alone
               gathered_batch[.gather|.copy]   the same with the rows spread over BATCH_SEQS sequences
                                   of a (B, S, row) cache (batch-strided indices b * S + s)
+              handoff.<policy>    CPU only: what one layer's jobs handed to the runtime's copy worker
+                                  under that policy (its fetch of nbytes, the commit of the new row)
+                                  cost the compute thread; rows = the cached tokens, row_bytes = 0, no
+                                  GB/s; the cache rows are the first collected model's (`profiler.handoff`)
   concurrent  True: a square matmul runs meanwhile on the compute stream (CUDA) or the main thread
-              (CPU) while the copy runs on the copy stream / worker thread
+              (CPU) while the copy runs on the copy stream / worker thread (handoff: always True)
 On CPU an 'h2d' is a memcpy from one host tensor into another on a worker thread (the runtime's CPU
 mode); 'd2h' the same the other way. Gather indices are a fresh random draw each repeat from a pool
 five times the largest gather (InfiniGen's 20% fetch cap), so repeats do not re-read cached rows.
@@ -36,6 +40,7 @@ import torch
 from infinigen_sim.bundle import TRANSFER_KEY, row_key
 from infinigen_sim.models import ModelSpec, get_model
 from infinigen_sim.policies import make_policy
+from profiler.handoff import HANDOFF_POLICIES, HANDOFF_SAMPLES, fetch_bytes, handoff_contexts, handoff_samples
 from profiler.runtime.engine import default_dtype
 from profiler.timing import is_oom, summarize, time_fn
 
@@ -79,6 +84,7 @@ class TransferSweep:
     memories: tuple[str, ...]  # host buffer kinds: pinned, pageable
     row_bytes: tuple[int, ...]  # gather row sizes
     min_bytes: int = 4 * KIB
+    handoff_model: ModelSpec | None = None  # whose cache rows the CPU runtime's handoff points move (None: none)
 
     @property
     def sizes(self) -> list[int]:
@@ -95,12 +101,15 @@ class TransferSweep:
 
 
 def make_sweep(device: torch.device, models: list[ModelSpec], quick: bool) -> TransferSweep:
-    """4 KiB .. 1 GiB (quick: .. 16 MiB); pinned and pageable on CUDA, pageable on CPU."""
+    """4 KiB .. 1 GiB on CUDA, .. 256 MiB on CPU (a CPU runtime's layer moves far less; quick: .. 16 MiB);
+    pinned and pageable on CUDA, pageable on CPU."""
     memories = ("pinned", "pageable") if device.type == "cuda" else ("pageable",)
     itemsize = torch.empty(0, dtype=kv_dtype(device)).element_size()
     rows = sorted({infinigen_row_bytes(), runtime_row_bytes(), *(m.kv_dim * itemsize for m in models),
                    *(m.head_dim * itemsize for m in models)})
-    return TransferSweep(max_bytes=16 * MIB if quick else GIB, memories=memories, row_bytes=tuple(rows))
+    largest = 16 * MIB if quick else GIB if device.type == "cuda" else 256 * MIB
+    return TransferSweep(max_bytes=largest, memories=memories, row_bytes=tuple(rows),
+                         handoff_model=models[0] if device.type == "cpu" and models else None)
 
 
 @dataclass(frozen=True)
@@ -109,20 +118,26 @@ class TransferPoint:
 
     direction: str
     memory: str
-    pattern: str  # contiguous | gathered | gathered_batch
+    pattern: str  # contiguous | gathered | gathered_batch | handoff
     concurrent: bool
     nbytes: int
     row_bytes: int = 0
+    policy: str = ""  # handoff: whose jobs
+    context: int = 0  # handoff: cached tokens
 
     @property
     def rows(self) -> int:
+        if self.pattern == "handoff":
+            return self.context
         return self.nbytes // self.row_bytes if self.row_bytes else 0
 
     @property
     def layouts(self) -> dict[str, str]:
         """Bundle layout name per timed stage ('total' is the end-to-end time)."""
+        if self.pattern == "handoff":
+            return {"total": f"handoff.{self.policy}"}
         if self.pattern == "contiguous":
-            return {"total": "contiguous"}
+            return {"total": self.pattern}
         return {"total": self.pattern, "gather": f"{self.pattern}.gather", "copy": f"{self.pattern}.copy"}
 
     def row(self, layout: str, samples: list[float] | None, status: str = "ok") -> dict:
@@ -132,7 +147,8 @@ class TransferPoint:
                "repeats": 0, "status": status}
         if samples:
             stats = summarize(samples)
-            row.update(stats.as_row(), gbps=round(self.nbytes / stats.median_us / 1e3, 4))
+            gbps = "" if self.pattern == "handoff" else round(self.nbytes / stats.median_us / 1e3, 4)
+            row.update(stats.as_row(), gbps=gbps)
         return row
 
     def keys(self) -> list[tuple[str, ...]]:
@@ -140,6 +156,8 @@ class TransferPoint:
 
     @property
     def label(self) -> str:
+        if self.pattern == "handoff":
+            return f"handoff {self.policy} {self.context} tokens"
         rows = f" {self.rows}x{self.row_bytes}B" if self.row_bytes else ""
         return f"{self.direction} {self.memory} {self.pattern}{rows} {self.nbytes >> 10}KiB"
 
@@ -158,6 +176,10 @@ def transfer_points(sweep: TransferSweep) -> list[TransferPoint]:
                 points += [TransferPoint("h2d", memory, "gathered_batch", concurrent, r * row_bytes, row_bytes)
                            for r in counts if r >= BATCH_SEQS]
     points += [TransferPoint("d2d", "device", "contiguous", False, n) for n in sweep.sizes]
+    spec = sweep.handoff_model
+    if spec is not None:
+        points += [TransferPoint("h2d", sweep.memories[0], "handoff", True, fetch_bytes(policy, spec, n), 0, policy, n)
+                   for policy in HANDOFF_POLICIES for n in handoff_contexts(sweep.max_bytes, spec)]
     return points
 
 
@@ -203,6 +225,10 @@ class TransferBench:
 
     def measure(self, point: TransferPoint) -> list[dict]:
         """Time one point; an exhausted allocator gives 'oom' rows and the sweep goes on."""
+        if point.pattern == "handoff":
+            samples = handoff_samples(point.policy, self.sweep.handoff_model, point.context,
+                                      HANDOFF_SAMPLES * self.repeats, self.generator)
+            return [point.row(layout, samples) for layout in point.layouts.values()]
         try:
             gather, copy = self._stages(point)
             samples = self._run(gather, copy, point.concurrent)
@@ -363,6 +389,11 @@ def summary_lines(frame, memories: list[str], row_bytes: int) -> list[str]:
     d2d = peak_row(frame, "d2d", "device")
     if d2d is not None:
         lines.append(_line(d2d, "d2d device contiguous peak", d2d.gbps, "ceiling"))
+    handoff = frame[frame.layout.str.startswith("handoff.") & (frame.status == "ok")]
+    for row in handoff.itertuples():
+        what = f"copy-worker {row.layout}: a layer's fetch + commit, compute-thread cost"
+        lines.append(f"  {what:<66} {_fmt_bytes(int(row.nbytes)):>9}  {row.median_us:>11.1f} us "
+                     f"[{row.p10_us:.1f}-{row.p90_us:.1f}]")
     memory = memories[0]
     h2d = peak_row(frame, "h2d", memory)
     for pattern in ("gathered", "gathered_batch"):

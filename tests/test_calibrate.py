@@ -24,7 +24,7 @@ from infinigen_sim.bundle import (
 from infinigen_sim.calibrate import BundleCosts, Calibration, fit_fetch, load_calibration
 from infinigen_sim.hardware import load_hardware
 from infinigen_sim.models import get_model
-from infinigen_sim.pipeline import CPU_PLACEMENT, Scenario, simulate_full
+from infinigen_sim.pipeline import CPU_PLACEMENT, Scenario, simulate_full, trace_ops
 from infinigen_sim.policies import make_policy
 from infinigen_sim.tables import Grid, bundle_hardware
 
@@ -142,6 +142,64 @@ def test_cpu_placement_runs_copies_on_the_worker_and_inline(flat_bundle):
     # then attention 1 + norm 1 + ffn 2 + final norm 1 + lm_head 1 = 13 ms
     assert res.step_s == pytest.approx(13e-3, rel=1e-12)
     assert res.busy_s["h2d_link"] == 0 and res.busy_s["host_cpu"] == pytest.approx(6e-3)
+
+
+def cpu_runtime_bundle(tmp_path, handoff_us: float = 500.0) -> Path:
+    """The flat bundle as a CPU one, with a 0.1 ms span per op, a flat handoff and InfiniGen's skew."""
+    kernels = [dict(r, dtype="float32") for r in kernel_rows(lambda *key: 1e-3)]
+    extra = [("span", b, 1, 0, 100.0) for b in BATCHES]
+    extra += [("skew", b, n, 0, 1e3) for b in BATCHES for n in PREFILL_LENS]
+    kernels += [{"op": op, "model": "tiny-opt", "dtype": "float32", "batch_size": b, "n_tokens": n, "kv_len": kv,
+                 "median_us": us, "p10_us": us, "p90_us": us, "repeats": 5, "status": "ok"}
+                for op, b, n, kv, us in extra]
+    transfers = transfer_rows(3e-3) + [
+        {"direction": "h2d", "memory": "pinned", "layout": "handoff.flexgen", "concurrent": True, "nbytes": n,
+         "row_bytes": 0, "rows": n >> 12, "median_us": handoff_us, "p10_us": handoff_us, "p90_us": handoff_us,
+         "gbps": "", "repeats": 50, "status": "ok"} for n in (16 << 10, 1 << 20, 16 << 20)]
+    return write_bundle(tmp_path / "cpu", kernels, transfers, device="cpu: test host", device_type="cpu")
+
+
+def test_cpu_runtime_spans_and_handoffs_come_from_measured_rows(tmp_path):
+    """One layer, overlap on: every compute-thread op is followed by its span (0.1 ms; the cost model's
+    ffn is o_proj + MLP: two), the layer pays its handoff (0.5 ms) and the worker half of its fixed part
+    per job (0.25 ms) before the fetch (6 ms) it starts at the end of embed:
+    embed 1.1 | norm 1.1, qkv 1.1, write-back 3.1, handoff 0.5 -> 6.9 | fetch ready at 1.1 + 0.25 + 6 = 7.35 |
+    attention 1.1, norm 1.1, ffn 2.2 -> 11.75 | final norm 1.1, lm_head 1.1 -> 13.95 ms."""
+    path = cpu_runtime_bundle(tmp_path)
+    cal = Calibration.load(path)
+    assert cal.span_s("tiny-opt") == pytest.approx(1e-4) and cal.span_s("opt-13b") == pytest.approx(1e-4)
+    costs = cal.costs(cal.source, make_policy("flexgen"), TINY)
+    assert costs.handoff_s(1 << 20) == pytest.approx(5e-4) and costs.job_s() == pytest.approx(2.5e-4)
+    assert costs.span_s("ffn") == pytest.approx(2e-4) and costs.span_s("handoff") == 0
+    sc = Scenario(costs, replace(TINY, n_layers=1), make_policy("flexgen"), batch=1, prompt_len=256, gen_len=3,
+                  dtype_bytes=4, placement=CPU_PLACEMENT)
+    costs.d2h_concurrent = False
+    assert simulate_full(sc).step_s == pytest.approx(13.95e-3, rel=1e-9)
+    other = cal.costs(load_hardware("a100_pcie4"), make_policy("flexgen"), TINY)  # another card: no CPU runtime
+    assert other.handoff_s(1 << 20) == 0 and other.span_s("qkv") == 0 and other.job_s() == 0
+
+
+def test_a_handoff_grows_with_the_bytes_a_layer_fetches(tmp_path):
+    path = cpu_runtime_bundle(tmp_path)
+    t = pd.read_csv(path / "transfers.csv")
+    rows = t.layout == "handoff.flexgen"
+    t.loc[rows, "median_us"] = 100.0 + t.loc[rows, "nbytes"] / 2**20 * 10.0
+    t = pd.concat([t, t[rows].assign(layout="handoff.infinigen", median_us=t[rows].median_us * 2)])
+    t.to_csv(path / "transfers.csv", index=False)
+    handoff = Calibration.load(path).handoff
+    assert handoff.fit("flexgen").fixed_s == pytest.approx(100e-6, rel=1e-3)
+    assert handoff.layer_s("flexgen", 8 << 20) == pytest.approx(180e-6, rel=1e-3)
+    assert handoff.layer_s("infinigen", 8 << 20) == pytest.approx(360e-6, rel=1e-3)
+    assert handoff.layer_s("h2o", 0) == pytest.approx(200e-6, rel=1e-3)  # unmeasured: the dearest policy
+
+
+def test_measured_skew_runs_on_the_speculated_layers_only(tmp_path):
+    cal = Calibration.load(cpu_runtime_bundle(tmp_path))
+    policy = make_policy("infinigen")
+    sc = Scenario(cal.costs(cal.source, policy, TINY), replace(TINY, n_layers=3), policy, batch=1, prompt_len=128,
+                  gen_len=2, dtype_bytes=4, placement=CPU_PLACEMENT)
+    skewed = sorted(op.layer for op in trace_ops(sc) if op.name == "skew")
+    assert skewed == list(range(policy.full_fetch_layers, 3))
 
 
 # ---- interpolation ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -65,12 +66,18 @@ def test_quick_bundle_reads_back(quick_bundle: Path) -> None:
     bundle = read_bundle(quick_bundle)
     assert list(bundle.kernels.columns) == KERNEL_COLUMNS
     assert list(bundle.transfers.columns) == TRANSFER_COLUMNS
-    for frame in (bundle.kernels, bundle.transfers):
+    is_handoff = bundle.transfers.layout.str.startswith("handoff.")
+    handoff, copies = bundle.transfers[is_handoff], bundle.transfers[~is_handoff]  # a cost, not a copy: may be < 0
+    for frame in (bundle.kernels, copies, handoff):
         assert (frame.status == "ok").all()
         assert (frame.repeats >= 5).all()
-        assert (frame.p10_us > 0).all() and (frame.p10_us <= frame.median_us).all()
-        assert (frame.median_us <= frame.p90_us).all()
-    assert (bundle.transfers.gbps > 0).all()
+        assert (frame.p10_us <= frame.median_us).all() and (frame.median_us <= frame.p90_us).all()
+    assert (bundle.kernels.p10_us > 0).all() and (copies.p10_us > 0).all()
+    assert (copies.gbps > 0).all() and handoff.gbps.isna().all()
+    assert set(handoff.layout) == {f"handoff.{p}" for p in ("flexgen", "int4", "h2o", "infinigen")}
+    assert (handoff.groupby("layout").rows.nunique() >= 3).all() and (handoff.nbytes > 0).all()
+    # every op the simulator prices from the runtime, incl. InfiniGen's skew and H2O's score, and the span
+    assert {"skew", "score", "span", "attention", "dequantize", "speculate", "topk"} <= set(bundle.kernels.op)
     assert bundle_keys(quick_bundle)[:2] == expected_keys([*QUICK, "--out", "x"])
     assert list(bundle.steps.columns) == STEP_COLUMNS
     walls = bundle.steps[bundle.steps.op == "wall"]
@@ -83,7 +90,10 @@ def test_quick_bundle_reads_back(quick_bundle: Path) -> None:
     assert meta["schema_version"] == 1 and meta["device"]["type"] == "cpu"
     assert meta["transfers"]["memory"] == ["pageable"] and meta["transfers"]["pinned"].startswith("not measured")
     assert meta["repeats"] == {"timed": 5, "warmup": 1, "summary": "median, p10, p90"}
+    assert meta["settings"]["threads"] == 1  # the CPU default: one intra-op thread
+    assert meta["kernels"]["last_level_cache_bytes"] > 0 and meta["kernels"]["layers_cycled"]["tiny-opt"] >= 1
     assert meta["steps"]["source"].startswith("profiler.runtime") and "completed_utc" in meta
+    assert meta["steps"]["grid"]["repeats"] >= 3 and meta["steps"]["grid"]["gen_len"] > 4
     gathered = bundle.transfers[bundle.transfers.layout.str.startswith("gathered")]
     assert set(gathered.layout) == {"gathered", "gathered.gather", "gathered.copy", "gathered_batch",
                                     "gathered_batch.gather", "gathered_batch.copy"}
@@ -91,8 +101,8 @@ def test_quick_bundle_reads_back(quick_bundle: Path) -> None:
     assert {10240, 1024} <= set(gathered.row_bytes)  # opt-13b fp16 row and tiny-opt's fp32 row
     printed = collect.format_summary(collect.resolve(collect.parse_args([*QUICK, "--out", str(quick_bundle)])))
     assert "h2d pageable contiguous peak" in printed and "% of ceiling" in printed
-    assert "gathered 1024x10240 B" in printed and "attention  b8" in printed
-    assert "tiny-opt/infinigen/b2/p64/g4" in printed and "tok/s" in printed
+    assert "gathered 1024x10240 B" in printed and "attention  b4" in printed and "copy-worker handoff" in printed
+    assert "tiny-opt/infinigen/b2/p128/g16" in printed and "tok/s" in printed
 
 
 def test_other_schema_version_is_a_clear_error(quick_bundle: Path, tmp_path: Path) -> None:
@@ -218,24 +228,36 @@ def test_meta_with_nvml_reads_every_field(monkeypatch) -> None:
 def test_oom_is_recorded_and_the_sweep_goes_on(monkeypatch) -> None:
     grid = GRIDS[("cpu", True)]
     bench = KernelBench(torch.device("cpu"), {"tiny-opt": get_model("tiny-opt")}, grid, repeats=5, warmup=1, seed=0)
-    task = kernel_tasks([get_model("tiny-opt")], "float32", grid)[0]
-    real_time_fn = kernels.time_fn
+    task = next(t for t in kernel_tasks([get_model("tiny-opt")], "float32", grid) if t.phase == "cache")
+    real_build = bench.build
 
-    def attention_ooms(fn, *args):
-        if fn is ops["attention"]:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_time_fn(fn, *args)
+    def attention_ooms(t):
+        def oom():
+            raise torch.OutOfMemoryError("CUDA out of memory")
 
-    ops = bench.ops(task)
-    monkeypatch.setattr(bench, "ops", lambda t: ops)
-    monkeypatch.setattr(kernels, "time_fn", attention_ooms)
+        return [replace(p, entries=[replace(e, call=oom) if e.op == "attention" else e for e in p.entries])
+                for p in real_build(t)]
+
+    monkeypatch.setattr(bench, "build", attention_ooms)
     status = {row["op"]: row["status"] for row in bench.measure(task)}
     assert status.pop("attention") == "oom" and set(status.values()) == {"ok"}
-    monkeypatch.setattr(bench, "ops", lambda t: (_ for _ in ()).throw(MemoryError()))
+    monkeypatch.setattr(bench, "build", lambda t: (_ for _ in ()).throw(MemoryError()))
     assert {row["status"] for row in bench.measure(task)} == {"oom"}
-    monkeypatch.setattr(bench, "ops", lambda t: (_ for _ in ()).throw(ValueError("a bug")))
+    monkeypatch.setattr(bench, "build", lambda t: (_ for _ in ()).throw(ValueError("a bug")))
     with pytest.raises(ValueError):
         bench.measure(task)
+
+
+def test_decode_ops_cycle_every_layer_of_the_model() -> None:
+    """Token ops run on every layer of a full copy of a small model, each sample one (pass, layer)."""
+    grid = GRIDS[("cpu", True)]
+    bench = KernelBench(torch.device("cpu"), {"tiny-opt": get_model("tiny-opt")}, grid, repeats=5, warmup=1, seed=0)
+    assert bench.layers(get_model("tiny-opt")) == get_model("tiny-opt").n_layers  # 12 MiB of weights < 4 x LLC
+    assert kernels.cold_layers(40, 600 << 20, 32 << 20) == 2 and kernels.cold_layers(8, 1 << 20, 32 << 20) == 8
+    task = next(t for t in kernel_tasks([get_model("tiny-opt")], "float32", grid) if t.phase == "decode")
+    rows = {row["op"]: row for row in bench.measure(task)}
+    assert rows["ffn"]["repeats"] == 5 * 4 and rows["norm"]["repeats"] == 5 * (2 * 4 + 1)
+    assert rows["embed"]["repeats"] == 5 and rows["span"]["repeats"] == 5 * 4
 
 
 @pytest.mark.parametrize("pattern", ["gathered", "gathered_batch"])

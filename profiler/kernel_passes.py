@@ -1,0 +1,232 @@
+"""The op sweep's passes: the runtime's own calls for every layer of a model, in the engine's order.
+
+A pass is a list of `Entry`s run back to back, as one decode step (or one prefill) would run them:
+embed, then per layer its ops, then the final norm and the LM head. Each layer's weights and K/V
+rows are its own, so between two calls of an op on one layer every other layer's weights and rows
+pass through the caches, as they do in a step (`profiler.kernels` picks how many layers).
+
+An entry is timed one of two ways:
+  around the call   model modules (`norm`, `qkv`, `o_proj`, `ffn`, `embed`, `lm_head`, prefill
+                    attention), each as the engine's span encloses it (residual adds included);
+  by its own span   the policy ops, run through the runtime's KV caches (kv_cache.py, quant.py, h2o.py,
+                    infinigen.py) on an inline copier: the seconds their `PhaseTimer` spans record,
+                    exactly what steps.csv sums: `attention` (DeviceCache.attend: the new row written,
+                    then attention over kv + 1 rows), `speculate` and `topk` (InfiniGen's plan_fetch of
+                    the layer and its write-back of the new partial K row), `dequantize` / `quantize`
+                    (K and V), `score` (H2O's per-step score update, eviction included; at prefill the
+                    prompt's attention mass and the heavy-hitter choice) and `skew` (InfiniGen prefill).
+`span` is one empty PhaseTimer span timed from outside: the bookkeeping the engine adds to every op.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from infinigen_sim.policies import make_policy
+from profiler.runtime.h2o import HeavyHitterCache
+from profiler.runtime.infinigen import InfiniGenCache
+from profiler.runtime.kv_cache import DeviceCache, KVCache, Runtime
+from profiler.runtime.model import Transformer, prefill_attention
+from profiler.runtime.quant import QuantizedCache
+from profiler.runtime.timing import MODEL_LAYER, Phase, PhaseTimer
+from profiler.runtime.transfer import Copier, FetchResult
+
+NEW_POS_PAD = 8  # host rows beyond the cached ones: room for the new token's row
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One call of a pass: timed around the call, or (`spans`) by the runtime spans it records; an
+    entry without an op is context (run, not timed)."""
+
+    op: str
+    layer: int
+    call: Callable[[], object]
+    spans: tuple[tuple[str, Phase], ...] = ()  # (op, phase): this call's span of `phase` in `layer` times `op`
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        return tuple(op for op, _ in self.spans) or (self.op,)
+
+
+@dataclass
+class Pass:
+    """The entries of one pass and the timer their spans report to."""
+
+    entries: list[Entry]
+    timer: PhaseTimer
+    n_layers: int
+    keep: list[object] = field(default_factory=list)  # caches and inputs the entries close over
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off (after a full collection) while timing, as `timeit` does:
+    a full collection of a process holding a model stalls whichever call it lands in for ~10 ms, at
+    the same point of every repeat of a periodic workload (so medians cannot remove it)."""
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+class Inputs:
+    """Seeded random tensors on the model's device and dtype."""
+
+    def __init__(self, model: Transformer, seed: int) -> None:
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def rand(self, *shape: int) -> Tensor:
+        return torch.randn(shape, generator=self.gen).to(self.device, self.dtype)
+
+    def tokens(self, vocab: int, *shape: int) -> Tensor:
+        return torch.randint(0, vocab, shape, generator=self.gen).to(self.device)
+
+
+def _cache(kind: type[KVCache], model: Transformer, timer: PhaseTimer, n_layers: int, policy: str,
+           **params: object) -> KVCache:
+    """A runtime KV cache over the first `n_layers` layers of `model`, copies run inline (no worker)."""
+    p = next(model.parameters())
+    spec = replace(model.spec, n_layers=n_layers)
+    copier = Copier(p.device, overlap=False, timer=timer)
+    return kind(Runtime(spec, make_policy(policy, **params), model, p.device, p.dtype, copier, timer))
+
+
+def span_entry(timer: PhaseTimer) -> Entry:
+    """One empty runtime span, timed from outside."""
+    def empty() -> None:
+        with timer.span(Phase.NORM, MODEL_LAYER):
+            pass
+    return Entry("span", MODEL_LAYER, empty)
+
+
+def weight_context(model: Transformer, layer: int, x: Tensor, input_pos: Tensor) -> list[Entry]:
+    """Untimed: the layer's QKV, output projection and MLP on x (B, 1, d), so its weights pass through."""
+    block = model.layers[layer]
+    return [Entry("", layer, lambda: model.qkv(layer, x, input_pos)),
+            Entry("", layer, lambda: block.self_attn.o_proj(x)), Entry("", layer, lambda: block.mlp(x))]
+
+
+def decode_pass(model: Transformer, batch: int, pos: int, seed: int) -> Pass:
+    """The token ops of one decode step over every layer of `model`: (batch, 1) tokens at `pos`."""
+    spec, inp, timer = model.spec, Inputs(model, seed), PhaseTimer(next(model.parameters()).is_cuda)
+    n_layers = len(model.layers)
+    tokens, input_pos = inp.tokens(spec.vocab_size, batch, 1), torch.tensor([pos], device=inp.device)
+    x, o = inp.rand(batch, 1, spec.d_model), inp.rand(batch, 1, spec.n_heads * spec.head_dim)
+    k, v = inp.rand(batch, 1, spec.n_kv_heads, spec.head_dim), inp.rand(batch, 1, spec.n_kv_heads, spec.head_dim)
+    int4 = _cache(QuantizedCache, model, timer, n_layers, "int4")
+    span = span_entry(PhaseTimer(timer.cuda))
+    entries = [Entry("embed", MODEL_LAYER, lambda: model.embed(tokens, input_pos))]
+    for i, block in enumerate(model.layers):
+        entries += [
+            Entry("norm", i, lambda b=block: b.input_layernorm(x)),
+            Entry("qkv", i, lambda i=i: model.qkv(i, x, input_pos)),
+            Entry("quantize", i, lambda i=i: int4._encode(i, k.transpose(0, 1), v.transpose(0, 1)),
+                  (("quantize", Phase.QUANTIZE),)),  # INT4's new row, (1, B, Hkv, D) as write_back hands it
+            Entry("o_proj", i, lambda b=block: x + b.self_attn.o_proj(o)),
+            Entry("norm", i, lambda b=block: b.post_attention_layernorm(x)),
+            Entry("ffn", i, lambda b=block: x + b.mlp(x)),
+            span,  # between two layers, as the engine opens its next span
+        ]
+    entries += [Entry("norm", MODEL_LAYER, lambda: model.norm(x)),
+                Entry("lm_head", MODEL_LAYER, lambda: model.lm_head_logits(x).float())]
+    return Pass(entries, timer, n_layers, [int4])
+
+
+def cache_pass(model: Transformer, n_layers: int, batch: int, kv_len: int, seed: int) -> list[Pass]:
+    """The policy ops of one decode step over `kv_len` cached rows, on the first `n_layers` layers: one
+    pass per policy's ops (InfiniGen's speculation, INT4's dequantisation, attention, H2O's scores)."""
+    spec, inp, timer = model.spec, Inputs(model, seed), PhaseTimer(next(model.parameters()).is_cuda)
+    B, T, H, Hkv, D = batch, kv_len, spec.n_heads, spec.n_kv_heads, spec.head_dim
+    rows = T + NEW_POS_PAD
+    input_pos = torch.tensor([T], device=inp.device)
+    a, q = inp.rand(B, 1, spec.d_model), inp.rand(B, 1, H, D)
+    k, v = inp.rand(B, 1, Hkv, D), inp.rand(B, 1, Hkv, D)
+    probs = torch.softmax(inp.rand(B, Hkv, H // Hkv, T + 1).float(), dim=-1).to(inp.dtype)
+
+    ideal = _cache(DeviceCache, model, timer, n_layers, "ideal")
+    ideal.allocate(B, rows, T)
+    ideal.begin_step(T)
+    int4 = _cache(QuantizedCache, model, timer, n_layers, "int4")
+    int4.allocate(B, rows, T)
+    int4.reset()
+    # H2O keeps exactly `kv_len` rows (about half heavy, half recent) and is over budget at every step
+    heavy = max(1, round(T / 2))
+    h2o = _cache(HeavyHitterCache, model, timer, n_layers, "h2o", heavy_ratio=heavy / T,
+                 recent_ratio=max(T - heavy, 1) / T)
+    h2o.allocate(B, T + 1, T)
+    h2o.reset()
+    h2o.begin_step(T)
+    infinigen = _cache(InfiniGenCache, model, timer, n_layers, "infinigen", full_fetch_layers=0)
+    infinigen.allocate(B, rows, T)
+    infinigen.reset()
+    for i in range(n_layers):  # the prompt: skewed (OPT folds into layer i's weights) and its partial K cached
+        infinigen.store_prompt(i, inp.rand(B, T, H, D), inp.rand(B, T, Hkv, D), inp.rand(B, T, Hkv, D))
+    infinigen.begin_step(T)
+
+    def speculate(i: int) -> None:
+        infinigen.plan_fetch(i, a, input_pos)
+        infinigen.write_back(i, k, v)
+        infinigen.entries[i] = T  # the next pass speculates over the same rows
+
+    layers = range(n_layers)
+    x = inp.rand(B, 1, spec.d_model)
+    groups = [  # one pass per policy: no runtime runs another policy's ops between its own
+        # speculation reads the next layer's (partial) W_Q and partial K cache, last read a step ago:
+        # the layer's weights pass between, as in a step
+        [e for i in layers for e in (*weight_context(model, i, x, input_pos),
+                                     Entry("speculate", i, lambda i=i: speculate(i),
+                                           (("speculate", Phase.SPECULATE), ("topk", Phase.TOPK))))],
+        [Entry("dequantize", i, lambda i=i: int4._decode(i, FetchResult(int4.fetch_bufs[i % 2].t, T)),
+               (("dequantize", Phase.DEQUANTIZE),)) for i in layers],
+        [Entry("attention", i, lambda i=i: ideal.attend(i, q, k, v), (("attention", Phase.ATTENTION),))
+         for i in layers],
+        [Entry("score", i, lambda i=i: h2o.after_attention(i, probs, T), (("score", Phase.SCORE),)) for i in layers],
+    ]
+    timer.collect(n_layers)  # drop the set-up's spans
+    caches = [ideal, int4, h2o, infinigen]
+    return [Pass(entries, timer, n_layers, caches) for entries in groups]
+
+
+def prefill_pass(model: Transformer, batch: int, n: int, seed: int) -> Pass:
+    """The prefill ops of layer 0 over `n` prompt tokens, as the engine's prefill_layer runs them."""
+    spec, inp, timer = model.spec, Inputs(model, seed), PhaseTimer(next(model.parameters()).is_cuda)
+    B, H, Hkv, D = batch, spec.n_heads, spec.n_kv_heads, spec.head_dim
+    tokens, input_pos = inp.tokens(spec.vocab_size, B, n), torch.arange(n, device=inp.device)
+    x = inp.rand(B, n, spec.d_model)
+    q, k, v = inp.rand(B, n, H, D), inp.rand(B, n, Hkv, D), inp.rand(B, n, Hkv, D)
+    k_rows, v_rows = k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()  # token-major (T, B, Hkv, D)
+    o = inp.rand(B, n, H * D)
+    int4 = _cache(QuantizedCache, model, timer, 1, "int4")
+    h2o = _cache(HeavyHitterCache, model, timer, 1, "h2o")
+    infinigen = _cache(InfiniGenCache, model, timer, 1, "infinigen", full_fetch_layers=0)
+    for cache in (h2o, infinigen):
+        cache.allocate(B, n + NEW_POS_PAD, n)
+        cache.reset()
+    block = model.layers[0]
+    entries = [
+        Entry("embed", MODEL_LAYER, lambda: model.embed(tokens, input_pos)),
+        Entry("norm", 0, lambda: block.input_layernorm(x)),
+        Entry("qkv", 0, lambda: model.qkv(0, x, input_pos)),
+        Entry("skew", 0, lambda: infinigen.store_prompt(0, q, k, v), (("skew", Phase.SKEW),)),
+        Entry("score", 0, lambda: h2o.store_prompt(0, q, k, v), (("score", Phase.SCORE),)),
+        Entry("quantize", 0, lambda: int4._encode(0, k_rows, v_rows), (("quantize", Phase.QUANTIZE),)),
+        Entry("attention", 0, lambda: prefill_attention(q, k, v)),
+        Entry("o_proj", 0, lambda: x + block.self_attn.o_proj(o)),
+        Entry("norm", 0, lambda: block.post_attention_layernorm(x)),
+        Entry("ffn", 0, lambda: x + block.mlp(x)),
+    ]
+    return Pass(entries, timer, 1, [int4, h2o, infinigen])
+
