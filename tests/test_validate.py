@@ -6,14 +6,14 @@ thread, the CPU default: a second intra-op thread stalls for whole scheduler tic
 process holds the other core of a shared 2-core box). Targets over every run's decode step and
 prefill: median |error| <= 10 %, p95 <= 20 %.
 
-The median is asserted: 10 quick bundles collected on this box with the model in its present form
-gave 3.1-7.0 % (a margin of 3 points: the median of 40 errors does not move with one noisy run).
-The p95 is an expected failure: the same bundles gave 7.3-26.7 % (7 of 10 at or under 20 %).
-Its worst points are always tiny-opt decode steps, whose ops keep their 12 MiB of weights in a
+The timing targets are non-strict expectations (asserted and reported; an XPASS is the good case):
+11 quick bundles collected on this box with the model in its present form gave a median of
+3.1-9.2 % and a p95 of 7.3-26.7 % (7 of 11 at or under 20 %), so neither has an honest margin here.
+The worst points are always tiny-opt decode steps, whose ops keep their 12 MiB of weights in a
 last-level cache that the box's other tenants share: the same op measured a few seconds apart moves
-by 30-50 % (the kernel sweep and the runs cannot be timed at the same instant), and a step straight
-after a prefill runs up to 2.7x slower for its first ~10 steps. small-opt, whose weights stream from
-memory, stays within ~10 %.
+by 30-50 % (the kernel sweep and the runs cannot be timed at the same instant), and in a step the K/V
+rows read between two layers' ops push part of the weights out, which the kernel passes (weights
+only) do not. small-opt, whose weights stream from memory either way, stays within ~16 %.
 """
 
 from __future__ import annotations
@@ -86,11 +86,10 @@ def test_cpu_median_target(validated):
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "p95 |error| over 10 quick bundles of this shared 2-core box: 7.3-26.7 %, 7 of 10 <= 20 % (median 3.1-7.0 %); "
-    "the worst points are always "
-    "tiny-opt decode steps: its ops' time moves 30-50 % between the kernel sweep and the runs a few seconds later "
-    "(weights in a last-level cache shared with other tenants) and right after a prefill (up to 2.7x for ~10 steps); "
-    "neither is in kernels.csv or transfers.csv"))
+    "p95 |error| over 11 quick bundles of this shared 2-core box: 7.3-26.7 %, 7 of 11 <= 20 % (median 3.1-9.2 %); "
+    "the worst points are always tiny-opt decode steps: its ops' time moves 30-50 % between the kernel sweep and "
+    "the runs a few seconds later (weights in a last-level cache shared with other tenants), and a step's K/V reads "
+    "push weights out of that cache where the kernel passes (weights only) do not"))
 def test_cpu_p95_target(validated):
     frame, _, _ = validated
     p95 = float(pd.Series(abs_errors(frame)).quantile(0.95))
