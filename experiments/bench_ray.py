@@ -20,10 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from infinigen_sim.backends import LOCAL_RAY, BackendError, Executor, PoolExecutor, RayExecutor, available_cpus
-from infinigen_sim.points import Point, SweepGrid, expand_points
-from infinigen_sim.policies import ALL_POLICIES
-from infinigen_sim.sweep import resolved_config, run_sweep_to, write_outputs
+from infinigen_sim.spec.policies import ALL_POLICIES
+from infinigen_sim.sweep.executors import LOCAL_RAY, BackendError, Executor, PoolExecutor, RayExecutor, available_cpus
+from infinigen_sim.sweep.grid import Point, SweepGrid, expand_points
+from infinigen_sim.sweep.results import resolved_config, write_outputs
+from infinigen_sim.sweep.run import run_sweep_to
 
 HW = "a100_pcie4"
 GRID = SweepGrid(models=("opt-6.7b", "opt-13b", "llama-2-7b", "llama-3-8b"), policies=ALL_POLICIES,

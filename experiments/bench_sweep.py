@@ -16,8 +16,9 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 
-from infinigen_sim.points import Point, SweepGrid, expand_points, simulate_point
-from infinigen_sim.policies import ALL_POLICIES
+from infinigen_sim.spec.policies import ALL_POLICIES
+from infinigen_sim.sweep.grid import Point, SweepGrid, expand_points
+from infinigen_sim.sweep.point import simulate_point
 
 GRID = SweepGrid(models=("opt-13b",), policies=ALL_POLICIES, batch_sizes=(1, 2, 4, 8, 16, 32, 64),
                  prompt_lens=(256, 512, 1024, 2048, 4096, 8192, 16384, 32768), gen_lens=(129,))

@@ -1,196 +1,47 @@
-"""Capacity-planning report: report.html (PNG plots embedded as base64, one self-contained file) and
-report.md (PNG plots under images/, referenced by relative path) from a sweep's results.
+"""`python -m infinigen_sim.report`: the capacity-planning report (report.html, report.md) of a sweep.
 
     python -m infinigen_sim.report RESULTS_DIR [--out DIR] [--model M] [--point KEY=VAL,...]
     python -m infinigen_sim.report HW_CONFIG [HW_CONFIG ...] [--out DIR] [--model M] [--point ...]
 
-Given hardware configs, a compact sweep (COMPACT_GRID) is run first and its results.csv and config.yaml
-are written to --out beside the report. Sections (SECTIONS): throughput vs batch, speedup over FlexGen
-vs context length, speedup vs host-link bandwidth (re-simulated), a decode-step timeline, memory fit,
-bottlenecks, sensitivity (elasticities) and uncertainty. The timeline, bandwidth and sensitivity
-sections are for one chosen point (`--point`; by default the first hardware, InfiniGen, the largest
-prompt and the largest batch at which InfiniGen fits there).
+Thin entry over `infinigen_sim.analysis.report`. Given hardware configs, a compact sweep is run first and
+its results.csv and config.yaml are written to --out beside the report. Everything is checked and built
+before anything is written: a bad --point or --model leaves no file behind.
+Exit status: 0 done, 2 bad input or an unwritable output.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import pandas as pd
-import yaml
-
-from infinigen_sim.bundle import write_text_atomic
-from infinigen_sim.hardware import HardwareError, parse_value
-from infinigen_sim.models import UnknownModelError, get_model
-from infinigen_sim.points import SweepGrid, expand_points
-from infinigen_sim.policies import ALL_POLICIES, PolicyError, PolicyName
-from infinigen_sim.report_doc import Doc
-from infinigen_sim.report_sections import (  # noqa: F401 - SECTIONS, NO_SPREADS, the hook: re-exported
-    NO_SPREADS,
-    SECTION_BUILDERS,
-    SECTIONS,
-    Context,
-    Results,
-    has_spreads,
-    rows_where,
-    uncertainty_note,
+from infinigen_sim.analysis.report import (
+    COMPACT_GRID,
+    POINT_KEYS,
+    ReportError,
+    build_report,
+    compact_results,
+    load_results,
+    parse_point,
 )
-from infinigen_sim.sensitivity import PointError
-from infinigen_sim.sweep import run_sweep, write_outputs
+from infinigen_sim.analysis.sensitivity import PointError
+from infinigen_sim.spec.cli import Parser, report_error
+from infinigen_sim.spec.hardware import HardwareError
+from infinigen_sim.spec.models import UnknownModelError, get_model
+from infinigen_sim.spec.policies import PolicyError
+from infinigen_sim.sweep.results import write_outputs
 
-ERROR = "infinigen_sim.report: error: "
-COMPACT_GRID = SweepGrid(models=("llama-3-8b",), batch_sizes=(1, 2, 4, 8, 16, 32, 64),
-                         prompt_lens=(2048, 8192, 32768), gen_lens=(128,))
-POINT_KEYS = ("hw", "policy", "batch_size", "prompt_len", "gen_len")
-
-
-class ReportError(ValueError):
-    """Input a report cannot be built from; the message names the flag or file."""
+PROG = "python -m infinigen_sim.report"
 
 
-def load_results(results_dir: str | Path) -> Results:
-    """results.csv (required, at least one row) and config.yaml (optional) of a sweep folder."""
-    path = Path(results_dir)
-    csv = path / "results.csv"
-    if not csv.is_file():
-        raise ReportError(f"{path}: no results.csv (give a sweep output folder or hardware configs)")
-    try:
-        frame = pd.read_csv(csv)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
-        raise ReportError(f"{csv}: cannot read ({str(exc).splitlines()[0]})") from None
-    missing = [c for c in ("hw", "model", "policy", "batch_size", "prompt_len", "gen_len", "fits", "tokens_per_s",
-                           "bottleneck") if c not in frame.columns]
-    if frame.empty or missing:
-        raise ReportError(f"{csv}: " + ("no rows" if frame.empty else f"missing column(s) {', '.join(missing)}"))
-    config_path = path / "config.yaml"
-    try:
-        config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
-    except yaml.YAMLError as exc:
-        raise ReportError(f"{config_path}: malformed YAML ({getattr(exc, 'problem', exc)})") from None
-    frame["bottleneck"] = frame["bottleneck"].fillna("")
-    return Results(frame, config if isinstance(config, dict) else {}, path)
-
-
-def compact_sweep(hw_configs: Sequence[str | Path], model: str, out_dir: Path) -> Path:
-    """Run COMPACT_GRID for `model` on `hw_configs`; write results.csv and config.yaml to `out_dir`."""
-    grid = SweepGrid(models=(model,), batch_sizes=COMPACT_GRID.batch_sizes, prompt_lens=COMPACT_GRID.prompt_lens,
-                     gen_lens=COMPACT_GRID.gen_lens)
-    points = expand_points(hw_configs, grid)
-    config = {"source": "infinigen_sim.report compact sweep", "mode": "fast",
-              "grid": {k: list(getattr(grid, k)) for k in ("models", "policies", "batch_sizes", "prompt_lens",
-                                                            "gen_lens")},
-              "hardware": {p.hw.name: p.hw.to_dict() for p in points}}
-    write_outputs(out_dir, run_sweep(points), config)
-    return out_dir
-
-
-# ---- the chosen point ------------------------------------------------------------------------
-def parse_point(text: str | None) -> dict[str, Any]:
-    """--point KEY=VAL,... -> {key: value} (values as YAML scalars)."""
-    out: dict[str, Any] = {}
-    for item in (text or "").split(","):
-        if not item.strip():
-            continue
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise ReportError(f"--point '{item}': expected KEY=VALUE[,KEY=VALUE...], e.g. batch_size=16")
-        out[key.strip()] = parse_value(value.strip())
-    return out
-
-
-def choose_point(results: Results, model: str, given: Mapping[str, Any]) -> dict[str, Any]:
-    """Point.params of the chosen point; every given value must be one the results hold."""
-    frame = results.frame[results.frame["model"] == model]
-    known = (*POINT_KEYS, *results.settings)
-    for key in given:
-        if key not in known:
-            raise ReportError(f"--point: unknown key '{key}' (expected one of {', '.join(known)})")
-    chosen: dict[str, Any] = {"model": model}
-    for key in ("hw", *results.settings, "gen_len", "prompt_len", "policy", "batch_size"):
-        values = list(dict.fromkeys(frame[key]))
-        if key in given:
-            value = _match(given[key], values)
-            if value is None:
-                raise ReportError(f"--point {key}={given[key]}: not in the results (have {_list(values)})")
-        elif key == "prompt_len":
-            value = max(values)
-        elif key == "policy":
-            value = PolicyName.INFINIGEN.value if PolicyName.INFINIGEN.value in values else values[0]
-        elif key == "batch_size":
-            fits = frame[frame["fits"] & rows_where(frame, chosen)]
-            value = int(fits["batch_size"].max()) if not fits.empty else min(values)
-        else:
-            value = values[0]
-        chosen[key] = _plain(value)
-        frame = frame[frame[key] == value] if key != "policy" else frame
-    return chosen
-
-
-def _match(value: Any, values: list[Any]) -> Any:
-    for candidate in values:
-        if str(candidate) == str(value) or (_is_number(candidate) and _is_number(value) and candidate == value):
-            return candidate
-    return None
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _list(values: list[Any]) -> str:
-    return ", ".join(str(v) for v in values)
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value
-
-
-# ---- entry points ----------------------------------------------------------------------------
-def build_report(results: Results, out_dir: Path, model: str | None = None,
-                 point: Mapping[str, Any] | None = None) -> Doc:
-    models = list(dict.fromkeys(results.frame["model"]))
-    model = model or models[0]
-    get_model(model)
-    if model not in models:
-        raise ReportError(f"--model {model}: not in the results (have {_list(models)})")
-    chosen = choose_point(results, model, point or {})
-    frame = results.frame[results.frame["model"] == model]
-    policies = [p for p in ALL_POLICIES if p in set(frame["policy"])]
-    ctx = Context(results, frame, chosen, policies)
-    doc = Doc(f"Capacity report: {model}", out_dir)
-    for build in SECTION_BUILDERS:
-        build(doc, ctx)
-    return doc
-
-
-def write_report(results_dir: str | Path, out_dir: str | Path | None = None, *, model: str | None = None,
-                 point: Mapping[str, Any] | None = None) -> Path:
-    """report.html (self-contained) and report.md + images/*.png in `out_dir` (default `results_dir`)
-    from a sweep folder; returns the path of report.html. Raises ReportError (and the loaders'
-    HardwareError, UnknownModelError) with a one-line message on bad input."""
-    out = Path(out_dir) if out_dir is not None else Path(results_dir)
-    doc = build_report(load_results(results_dir), out, model, point)
-    write_text_atomic(out / "report.md", doc.markdown())
-    write_text_atomic(out / "report.html", doc.html())
-    return out / "report.html"
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
-        self.exit(2, f"{ERROR}{message}\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="python -m infinigen_sim.report",
-                            description="Write report.html and report.md (PNG plots) from a sweep results "
-                                        "folder, or from a compact sweep of the given hardware configs.")
+def build_parser() -> Parser:
+    parser = Parser(PROG, "Write report.html and report.md (PNG plots) from a sweep results folder, or from a "
+                          "compact sweep of the given hardware configs.",
+                    epilog="Exit status: 0 done, 2 bad input or an unwritable output.")
     parser.add_argument("inputs", nargs="+", metavar="RESULTS_DIR|HW_CONFIG",
                         help="one sweep output folder (results.csv + config.yaml), or hardware configs")
-    parser.add_argument("--out", help="output folder (default: RESULTS_DIR, or ./report for hardware configs)")
+    parser.add_argument("--out", metavar="DIR",
+                        help="output folder (default: RESULTS_DIR, or ./report for hardware configs)")
     parser.add_argument("--model", help=f"model to report (default: the results' first; {COMPACT_GRID.models[0]} "
                                         "for a compact sweep)")
     parser.add_argument("--point", metavar="KEY=VAL,...",
@@ -207,26 +58,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if dirs and len(args.inputs) > 1:
             raise ReportError("give one results folder, or hardware configs, not both or several folders")
         if dirs:
-            results_dir, out = dirs[0], Path(args.out) if args.out else dirs[0]
+            out = Path(args.out) if args.out else dirs[0]
+            results = load_results(dirs[0])
         else:
             out = Path(args.out or "report")
-            model = args.model or COMPACT_GRID.models[0]
-            get_model(model)
-            results_dir = compact_sweep(args.inputs, model, out)
-        path = write_report(results_dir, out, model=args.model, point=point)
+            results = compact_results(args.inputs, get_model(args.model or COMPACT_GRID.models[0]).name, out)
+        doc = build_report(results, args.model, point)
     except (ReportError, HardwareError, PolicyError, PointError) as exc:
-        return _fail(str(exc))
+        return report_error(PROG, exc)
     except UnknownModelError as exc:
-        return _fail(f"--model: {exc}")
+        return report_error(PROG, f"--model: {exc}")
+    try:
+        if not dirs:
+            write_outputs(out, results.frame, results.config)
+        path = doc.write(out)
     except OSError as exc:
-        return _fail(f"cannot write {exc.filename}: {exc.strerror}", 1)
+        return report_error(PROG, f"cannot write {exc.filename}: {exc.strerror}")
     print(f"wrote {path} and {path.with_name('report.md')} (images in {path.parent / 'images'})")
     return 0
-
-
-def _fail(message: str, code: int = 2) -> int:
-    print(f"{ERROR}{message}".replace("\n", " "), file=sys.stderr)
-    return code
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ from typing import Any
 
 import pytest
 
-from infinigen_sim.hardware import HardwareConfig, load_hardware
-from infinigen_sim.models import ModelSpec, get_model
-from infinigen_sim.pipeline import Machine, Recorder, Scenario, StepState, decode_step, prefill
-from infinigen_sim.policies import layer_work, make_policy
+from infinigen_sim.spec.hardware import HardwareConfig, load_hardware
+from infinigen_sim.spec.models import ModelSpec, get_model
+from infinigen_sim.sim.machine import Machine, Recorder, StepState
+from infinigen_sim.sim.processes import decode_step, prefill
+from infinigen_sim.sim.scenario import Scenario
+from infinigen_sim.spec.policies import layer_work, make_policy
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,18 @@ class StubCosts:
 
     def gather_s(self, nbytes: float, rows: int) -> float:
         return self.gather if nbytes > 0 else 0.0
+
+    def measured_ops(self) -> frozenset:
+        return frozenset()
+
+    def span_s(self, op: str) -> float:
+        return 0.0
+
+    def handoff_s(self, nbytes: float) -> float:
+        return 0.0
+
+    def job_s(self) -> float:
+        return 0.0
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "stub"}

@@ -8,10 +8,13 @@ from dataclasses import replace
 import pytest
 import yaml
 
-from infinigen_sim.costs import OPS, CostError, CostModel, PhysicsCosts, op_work, plan_memory
-from infinigen_sim.hardware import GpuSpec, HardwareConfig, HostSpec, LinkSpec, load_hardware
-from infinigen_sim.models import get_model
-from infinigen_sim.policies import make_policy
+from infinigen_sim.cost.memory import plan_memory
+from infinigen_sim.cost.physics import CostModel, PhysicsCosts
+from infinigen_sim.spec.ops import COMPUTE_OPS, PHYSICS_OPS
+from infinigen_sim.spec.work import op_work
+from infinigen_sim.spec.hardware import GpuSpec, HardwareConfig, HostSpec, LinkSpec, load_hardware
+from infinigen_sim.spec.models import get_model
+from infinigen_sim.spec.policies import make_policy
 
 # Round numbers so every expected time below is hand-checkable.
 HW = HardwareConfig(
@@ -42,7 +45,7 @@ def test_gather_reads_and_writes_every_row_byte():
 
 
 def test_op_time_is_the_roofline_max():
-    for op in OPS:
+    for op in PHYSICS_OPS:
         work = op_work(op, OPT13B, 4, 1, 2048, partial_ratio=0.3)
         expected = max(work.flops / 50e12, work.hbm_bytes / 500e9)
         assert COSTS.compute_s(op, OPT13B, 4, 1, 2048, partial_ratio=0.3) == pytest.approx(expected)
@@ -79,8 +82,23 @@ def test_launch_cost_is_added_per_op():
 
 
 def test_unknown_op_is_an_error():
-    with pytest.raises(CostError, match="unknown op 'softmax'"):
+    with pytest.raises(ValueError, match="unknown op 'softmax'"):
         COSTS.compute_s("softmax", OPT13B, 1, 1, 1)
+    with pytest.raises(ValueError, match="'h2d' is not a compute op"):
+        COSTS.compute_s("h2d", OPT13B, 1, 1, 1)
+
+
+def test_every_compute_op_has_work_and_a_roofline_time():
+    for op in COMPUTE_OPS:
+        work = op_work(op, OPT13B, 2, 16, 64, partial_ratio=0.3)
+        assert work.flops >= 0 and work.hbm_bytes > 0
+        assert COSTS.compute_s(op, OPT13B, 2, 16, 64) > 0
+
+
+def test_physics_prices_no_runtime_overhead():
+    """A roofline has no measured skew/score rows and no CPU-runtime Python: a physics sweep leaves them out."""
+    assert COSTS.measured_ops() == frozenset()
+    assert COSTS.span_s("ffn") == COSTS.handoff_s(1e6) == COSTS.job_s() == 0.0
 
 
 def test_everything_fits_when_small():

@@ -11,7 +11,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from infinigen_sim.hardware import (
+from infinigen_sim.spec.hardware import (
     GpuSpec,
     HardwareError,
     HostSpec,

@@ -14,26 +14,22 @@ from conftest import StubCosts, replay_prefill, replay_step, stub_scenario
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from infinigen_sim.costs import PhysicsCosts, plan_memory
-from infinigen_sim.hardware import load_hardware
-from infinigen_sim.models import get_model
-from infinigen_sim.pipeline import (
-    RESOURCES,
-    Recorder,
-    Scenario,
-    chrome_trace,
-    simulate,
-    simulate_full,
-    trace_ops,
-)
-from infinigen_sim.policies import make_policy
+from infinigen_sim.cost.memory import plan_memory
+from infinigen_sim.cost.physics import PhysicsCosts
+from infinigen_sim.sim import simulate, simulate_full
+from infinigen_sim.sim.machine import Recorder
+from infinigen_sim.sim.scenario import RESOURCES, Scenario
+from infinigen_sim.sim.trace import chrome_trace, trace_ops
+from infinigen_sim.spec.hardware import load_hardware
+from infinigen_sim.spec.models import get_model
+from infinigen_sim.spec.policies import make_policy
 
 
 # ---- exact logs ------------------------------------------------------------------------------
 def test_one_layer_copy_and_compute_serialise_without_overlap():
     """One layer, QKV 2 s, its K/V copy 3 s: the fetch is issued at the layer's start and waited for."""
     log, end = replay_step(stub_scenario(StubCosts({"qkv": 2}, h2d=3), overlap=False))
-    assert log == [("h2d_link fetch_kv[0] start", 0.0), ("h2d_link fetch_kv[0] end", 3.0),
+    assert log == [("h2d_link h2d:kv[0] start", 0.0), ("h2d_link h2d:kv[0] end", 3.0),
                    ("gpu qkv[0] start", 3.0), ("gpu qkv[0] end", 5.0)]
     assert end == 5.0
 
@@ -41,8 +37,8 @@ def test_one_layer_copy_and_compute_serialise_without_overlap():
 def test_one_layer_copy_hides_qkv_with_overlap():
     """Same layer: the fetch is issued after embed, QKV runs beside it, attention waits for it."""
     log, end = replay_step(stub_scenario(StubCosts({"qkv": 2}, h2d=3)))
-    assert log == [("gpu qkv[0] start", 0.0), ("h2d_link fetch_kv[0] start", 0.0),
-                   ("gpu qkv[0] end", 2.0), ("h2d_link fetch_kv[0] end", 3.0)]
+    assert log == [("gpu qkv[0] start", 0.0), ("h2d_link h2d:kv[0] start", 0.0),
+                   ("gpu qkv[0] end", 2.0), ("h2d_link h2d:kv[0] end", 3.0)]
     assert end == 3.0
 
 
@@ -51,9 +47,9 @@ def test_two_layers_prefetch_the_next_layer():
     costs = StubCosts({"qkv": 1, "ffn": 2}, h2d=2)
     log, end = replay_step(stub_scenario(costs, n_layers=2))
     assert log == [
-        ("gpu qkv[0] start", 0.0), ("h2d_link fetch_kv[0] start", 0.0), ("gpu qkv[0] end", 1.0),
-        ("h2d_link fetch_kv[0] end", 2.0), ("h2d_link fetch_kv[1] start", 2.0), ("gpu ffn[0] start", 2.0),
-        ("h2d_link fetch_kv[1] end", 4.0), ("gpu ffn[0] end", 4.0), ("gpu qkv[1] start", 4.0),
+        ("gpu qkv[0] start", 0.0), ("h2d_link h2d:kv[0] start", 0.0), ("gpu qkv[0] end", 1.0),
+        ("h2d_link h2d:kv[0] end", 2.0), ("h2d_link h2d:kv[1] start", 2.0), ("gpu ffn[0] start", 2.0),
+        ("h2d_link h2d:kv[1] end", 4.0), ("gpu ffn[0] end", 4.0), ("gpu qkv[1] start", 4.0),
         ("gpu qkv[1] end", 5.0), ("gpu ffn[1] start", 5.0), ("gpu ffn[1] end", 7.0)]
     assert end == 7.0
     assert replay_step(stub_scenario(costs, n_layers=2, overlap=False))[1] == 10.0
@@ -65,11 +61,11 @@ def test_infinigen_speculates_gathers_then_copies():
     costs = StubCosts({"qkv": 1, "ffn": 1, "speculate": 1}, h2d=2, gather=1)
     log, end = replay_step(stub_scenario(costs, "infinigen", n_layers=2, full_fetch_layers=1))
     assert log == [
-        ("gpu speculate[1] start", 0.0), ("h2d_link fetch_kv[0] start", 0.0), ("gpu speculate[1] end", 1.0),
-        ("gpu qkv[0] start", 1.0), ("host_cpu gather[1] start", 1.0), ("h2d_link fetch_kv[0] end", 2.0),
+        ("gpu speculate[1] start", 0.0), ("h2d_link h2d:kv[0] start", 0.0), ("gpu speculate[1] end", 1.0),
+        ("gpu qkv[0] start", 1.0), ("host_cpu gather[1] start", 1.0), ("h2d_link h2d:kv[0] end", 2.0),
         ("gpu qkv[0] end", 2.0), ("host_cpu gather[1] end", 2.0), ("gpu ffn[0] start", 2.0),
-        ("h2d_link fetch_kv[1] start", 2.0), ("gpu ffn[0] end", 3.0), ("gpu qkv[1] start", 3.0),
-        ("h2d_link fetch_kv[1] end", 4.0), ("gpu qkv[1] end", 4.0), ("gpu ffn[1] start", 4.0),
+        ("h2d_link h2d:kv[1] start", 2.0), ("gpu ffn[0] end", 3.0), ("gpu qkv[1] start", 3.0),
+        ("h2d_link h2d:kv[1] end", 4.0), ("gpu qkv[1] end", 4.0), ("gpu ffn[1] start", 4.0),
         ("gpu ffn[1] end", 5.0)]
     assert end == 5.0
 
@@ -79,22 +75,22 @@ def test_infinigen_without_overlap_speculates_at_the_layer_itself():
     log, end = replay_step(stub_scenario(costs, "infinigen", n_layers=2, full_fetch_layers=1, overlap=False))
     assert log[6:] == [
         ("gpu speculate[1] start", 4.0), ("gpu speculate[1] end", 5.0), ("host_cpu gather[1] start", 5.0),
-        ("host_cpu gather[1] end", 6.0), ("h2d_link fetch_kv[1] start", 6.0), ("h2d_link fetch_kv[1] end", 8.0),
+        ("host_cpu gather[1] end", 6.0), ("h2d_link h2d:kv[1] start", 6.0), ("h2d_link h2d:kv[1] end", 8.0),
         ("gpu qkv[1] start", 8.0), ("gpu qkv[1] end", 9.0), ("gpu ffn[1] start", 9.0), ("gpu ffn[1] end", 10.0)]
     assert end == 10.0
 
 
 def test_new_token_is_written_back_after_qkv():
     log, _ = replay_step(stub_scenario(StubCosts({"qkv": 1, "ffn": 1}, h2d=3, d2h=1)))
-    assert ("d2h_link writeback_kv[0] start", 1.0) in log and ("d2h_link writeback_kv[0] end", 2.0) in log
+    assert ("d2h_link d2h:row[0] start", 1.0) in log and ("d2h_link d2h:row[0] end", 2.0) in log
 
 
 def test_streamed_weights_load_before_the_kv_and_gate_qkv():
     sc = replace(stub_scenario(StubCosts({"qkv": 1}, h2d=1)), streamed_weight_bytes=1.0)
     log, end = replay_step(sc)
-    assert log == [("h2d_link load_weights[0] start", 0.0), ("h2d_link load_weights[0] end", 1.0),
-                   ("h2d_link fetch_kv[0] start", 1.0), ("gpu qkv[0] start", 1.0),
-                   ("h2d_link fetch_kv[0] end", 2.0), ("gpu qkv[0] end", 2.0)]
+    assert log == [("h2d_link h2d:weights[0] start", 0.0), ("h2d_link h2d:weights[0] end", 1.0),
+                   ("h2d_link h2d:kv[0] start", 1.0), ("gpu qkv[0] start", 1.0),
+                   ("h2d_link h2d:kv[0] end", 2.0), ("gpu qkv[0] end", 2.0)]
     assert end == 2.0
 
 
@@ -103,9 +99,9 @@ def test_prefill_stores_kv_through_two_staging_buffers():
     log, end = replay_prefill(stub_scenario(StubCosts({"qkv": 1}, d2h=2), n_layers=3))
     assert log == [
         ("gpu qkv[0] start", 0.0), ("gpu qkv[0] end", 1.0), ("gpu qkv[1] start", 1.0),
-        ("d2h_link store_kv[0] start", 1.0), ("gpu qkv[1] end", 2.0), ("d2h_link store_kv[0] end", 3.0),
-        ("gpu qkv[2] start", 3.0), ("d2h_link store_kv[1] start", 3.0), ("gpu qkv[2] end", 4.0),
-        ("d2h_link store_kv[1] end", 5.0), ("d2h_link store_kv[2] start", 5.0), ("d2h_link store_kv[2] end", 7.0)]
+        ("d2h_link d2h:prompt[0] start", 1.0), ("gpu qkv[1] end", 2.0), ("d2h_link d2h:prompt[0] end", 3.0),
+        ("gpu qkv[2] start", 3.0), ("d2h_link d2h:prompt[1] start", 3.0), ("gpu qkv[2] end", 4.0),
+        ("d2h_link d2h:prompt[1] end", 5.0), ("d2h_link d2h:prompt[2] start", 5.0), ("d2h_link d2h:prompt[2] end", 7.0)]
     assert end == 7.0
     assert replay_prefill(stub_scenario(StubCosts({"qkv": 1}, d2h=2), n_layers=3, overlap=False))[1] == 9.0
 
@@ -211,7 +207,7 @@ def test_chrome_trace_has_complete_events_per_device_and_resource(a100):
     names = {(e["name"], e["args"]["name"]) for e in trace["traceEvents"] if e["ph"] == "M"}
     assert ("process_name", "gpu") in names and ("process_name", "host") in names
     assert {("thread_name", r) for r in RESOURCES} <= names
-    assert {e["name"] for e in events} >= {"embed", "qkv", "speculate", "gather", "fetch_kv", "writeback_kv"}
+    assert {e["name"] for e in events} >= {"embed", "qkv", "speculate", "gather", "h2d", "d2h"}
     for track in {(e["pid"], e["tid"]) for e in events}:  # one resource never runs two ops at once
         spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if (e["pid"], e["tid"]) == track)
         assert all(end <= nxt + 1e-3 for (_, end), (nxt, _) in zip(spans, spans[1:], strict=False))

@@ -15,7 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from infinigen_sim.plan import PlanRequest, evaluate, main, ranked
+from infinigen_sim.analysis.plan import PlanRequest, evaluate, ranked
+from infinigen_sim.plan import main
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("INFINIGEN_UPDATE_GOLDEN") == "1"
@@ -87,9 +88,10 @@ BASE = {"--model": "small-opt", "--prompt-len": "256", "--gen-len": "4", "--targ
 @pytest.mark.parametrize(("flags", "positional", "expected"), [
     ({"--model": "opt-14b"}, ["a100_pcie4"], "--model: unknown model 'opt-14b'"),
     ({"--policies": "flexgen,magic"}, ["a100_pcie4"], "--policies: unknown policy 'magic'"),
-    ({"--batch-sizes": "1,x"}, ["a100_pcie4"], "--batch-sizes: expected a comma list of positive whole numbers"),
-    ({"--gen-len": "1"}, ["a100_pcie4"], "--gen-len: expected at least 2"),
-    ({"--target-tokens-per-s": "-3"}, ["a100_pcie4"], "--target-tokens-per-s: expected a positive number"),
+    ({"--batch-sizes": "1,x"}, ["a100_pcie4"], "--batch-sizes: expected a comma list of whole numbers >= 1"),
+    ({"--gen-len": "1"}, ["a100_pcie4"], "--gen-len: expected a whole number >= 2"),
+    ({"--target-tokens-per-s": "-3"}, ["a100_pcie4"], "--target-tokens-per-s: expected a number >= 0"),
+    ({"--target-tokens-per-s": "0"}, ["a100_pcie4"], "--target-tokens-per-s: expected a positive number"),
     ({}, ["a100_pcie4", "--bogus"], "unrecognized arguments: --bogus"),
     ({}, ["no_such_gpu"], "no_such_gpu: no such hardware config"),
 ])

@@ -1,4 +1,4 @@
-"""The executors (infinigen_sim.backends): local Ray writes the same CSV as the local pool; without ray
+"""The executors (infinigen_sim.sweep.executors): local Ray writes the same CSV as the local pool; without ray
 the error says how to install it; a worker running other code is refused."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from infinigen_sim import backends
-from infinigen_sim.backends import InlineExecutor, PoolExecutor, chunk_size, chunked
-from infinigen_sim.sweep import main
+from infinigen_sim.sweep import executors as backends
+from infinigen_sim.sweep.__main__ import main
+from infinigen_sim.sweep.executors import InlineExecutor, PoolExecutor, chunk_size, chunked
 
 ARGS = ["a100_pcie4", "--models", "small-opt,small-llama-gqa", "--batch-sizes", "1,4", "--prompt-lens", "256,512",
         "--gen-lens", "8"]  # 40 points

@@ -1,4 +1,4 @@
-"""Reports: every section and image from a tiny sweep, the uncertainty hook, elasticities, errors."""
+"""Reports: every section and image from a tiny sweep, the uncertainty section, elasticities, errors."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from matplotlib.figure import Figure
 
 from infinigen_sim import report
-from infinigen_sim.hardware import load_hardware
-from infinigen_sim.report import NO_SPREADS, SECTIONS, has_spreads, uncertainty_note, write_report
-from infinigen_sim.report_figures import series_with_band
-from infinigen_sim.sensitivity import PARAMETERS, PointError, bandwidth_sweep, elasticities, point_from_params
-from infinigen_sim.sweep import main as sweep_main
+from infinigen_sim.analysis.report import SECTIONS, build
+from infinigen_sim.analysis.report import write_report
+from infinigen_sim.analysis.sensitivity import PARAMETERS, PointError, bandwidth_sweep, elasticities, point_from_params
+from infinigen_sim.spec.hardware import load_hardware
+from infinigen_sim.sweep.__main__ import main as sweep_main
+from infinigen_sim.sweep.grid import SweepGrid
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SMALL_SWEEP = ["a100_pcie4", "--models", "small-opt", "--batch-sizes", "1,4", "--prompt-lens", "256,1024",
@@ -61,22 +61,9 @@ def test_every_referenced_image_exists_and_is_a_png(built):
     assert all(base64.b64decode(data).startswith(PNG) for data in inlined)
 
 
-def test_without_spreads_the_report_says_so_and_draws_no_band(built):
-    assert NO_SPREADS in (built / "report.md").read_text()
-    ax = Figure().subplots()
-    series_with_band(ax, pd.DataFrame({"batch_size": [1, 2], "tokens_per_s": [1.0, 2.0]}), "batch_size", "x", "k")
-    assert not ax.collections
-
-
-def test_spreads_draw_a_band_where_present():
-    frame = pd.DataFrame({"batch_size": [1, 2, 4], "tokens_per_s": [1.0, 2.0, 3.0],
-                          "tokens_per_s_p10": [0.9, 1.8, None], "tokens_per_s_p90": [1.1, 2.2, None]})
-    assert has_spreads(frame) and uncertainty_note(frame) != NO_SPREADS
-    ax = Figure().subplots()
-    series_with_band(ax, frame, "batch_size", "x", "k")
-    assert len(ax.collections) == 1
-    empty = frame.assign(tokens_per_s_p10=None, tokens_per_s_p90=None)
-    assert not has_spreads(empty) and uncertainty_note(empty) == NO_SPREADS
+def test_uncertainty_says_where_the_numbers_come_from(built):
+    section = (built / "report.md").read_text().split("## Uncertainty")[1]
+    assert "physics defaults" in section and "validate" in section
 
 
 def test_elasticities_are_never_negative_and_link_matters_when_link_bound():
@@ -102,8 +89,7 @@ def test_infinigen_gains_less_from_a_faster_link():
 
 
 def test_report_from_hardware_configs_runs_a_compact_sweep(tmp_path, monkeypatch):
-    monkeypatch.setattr(report, "COMPACT_GRID", report.SweepGrid(batch_sizes=(1, 4), prompt_lens=(256,),
-                                                                 gen_lens=(8,)))
+    monkeypatch.setattr(build, "COMPACT_GRID", SweepGrid(batch_sizes=(1, 4), prompt_lens=(256,), gen_lens=(8,)))
     assert report.main(["a100_pcie4", "--model", "small-opt", "--out", str(tmp_path),
                         "--point", "policy=flexgen,batch_size=1"]) == 0
     assert len(pd.read_csv(tmp_path / "results.csv")) == 10 and (tmp_path / "report.html").exists()
@@ -121,6 +107,7 @@ def test_report_from_hardware_configs_runs_a_compact_sweep(tmp_path, monkeypatch
     (["RESULTS", "--bogus"], "unrecognized arguments: --bogus"),
     (["RESULTS", "a100_pcie4"], "give one results folder, or hardware configs"),
     (["no_such_gpu"], "no_such_gpu: no such hardware config"),
+    (["a100_pcie4", "--model", "small-opt", "--point", "batch_size=3"], "--point batch_size=3: not in the results"),
 ])
 def test_bad_input_is_one_line_and_exit_2(results_dir, tmp_path, capsys, args, expected):
     (tmp_path / "EMPTY").mkdir()

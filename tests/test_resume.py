@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from infinigen_sim import sweep
-from infinigen_sim.partial_results import PARTIAL_NAME, append_rows
-from infinigen_sim.points import SweepGrid, expand_points, row_columns, simulate_point
-from infinigen_sim.sweep import main
+from infinigen_sim.sweep import run as sweep
+from infinigen_sim.sweep.__main__ import main
+from infinigen_sim.sweep.grid import SweepGrid, expand_points
+from infinigen_sim.sweep.point import row_columns, simulate_point
+from infinigen_sim.sweep.results import PARTIAL_NAME, append_rows
 
 GRID = SweepGrid(models=("small-opt", "small-llama-gqa"), batch_sizes=(1, 4), prompt_lens=(256, 512), gen_lens=(8,))
 ARGS = ["a100_pcie4", "--models", "small-opt,small-llama-gqa", "--batch-sizes", "1,4", "--prompt-lens", "256,512",

@@ -11,10 +11,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from infinigen_sim.hardware import HW_DIR, all_config_paths, load_hardware
-from infinigen_sim.points import Point, SweepGrid, expand_points, simulate_point
-from infinigen_sim.policies import make_policy
-from infinigen_sim.sweep import main, run_sweep
+from infinigen_sim.spec.hardware import HW_DIR, all_config_paths, load_hardware
+from infinigen_sim.spec.policies import make_policy
+from infinigen_sim.sweep.__main__ import main
+from infinigen_sim.sweep.grid import Point, SweepGrid, expand_points
+from infinigen_sim.sweep.point import simulate_point
+from infinigen_sim.sweep.run import run_sweep
 
 SMALL_GRID = SweepGrid(models=("small-opt",), batch_sizes=(1, 4), prompt_lens=(256,), gen_lens=(8,))
 SMALL_ARGS = ["--models", "small-opt", "--batch-sizes", "1,4", "--prompt-lens", "256", "--gen-lens", "8"]
@@ -104,15 +106,15 @@ NEGATIVE = f"base: {A100}\nlink: {{d2h_gbps: -8}}\n"
 @pytest.mark.parametrize(("args", "expected"), [
     (["a100_pcie4", "--models", "opt-14b"], "--models: unknown model 'opt-14b'"),
     (["a100_pcie4", "--policies", "flexgen,magic"], "--policies: unknown policy 'magic'"),
-    (["a100_pcie4", "--batch-sizes", "1,x"], "--batch-sizes: expected a comma list of positive whole numbers"),
+    (["a100_pcie4", "--batch-sizes", "1,x"], "--batch-sizes: expected a comma list of whole numbers >= 1"),
     (["a100_pcie4", "--prompt-lens", "0"], "--prompt-lens: expected a comma list"),
     (["a100_pcie4", "--set", "link.h2d_gbps"], "--set 'link.h2d_gbps': expected KEY=VALUE"),
     (["a100_pcie4", "--set", "link.h2d_gbps=-5"], "key 'link.h2d_gbps': expected a positive number"),
     (["a100_pcie4", "--set", "gpu.warp_size=32"], "--set unknown key 'gpu.warp_size'"),
     (["a100_pcie4", "--set", "policy.alpha=-1"], "--set policy.alpha: policy ideal: bad alpha=-1.0"),
-    (["a100_pcie4", "--set", "policy.overlap=maybe"], "--set policy.overlap: expected a bool"),
+    (["a100_pcie4", "--set", "policy.overlap=maybe"], "--set policy.overlap: expected a true or false"),
     (["no_such_gpu"], "no_such_gpu: no such hardware config"),
-    (["a100_pcie4", "--jobs", "two"], "argument --jobs: invalid int value"),
+    (["a100_pcie4", "--jobs", "two"], "argument --jobs: expected a whole number >= 1"),
     (["BAD_YAML"], "malformed YAML"),
     (["UNKNOWN_KEY"], "unknown key 'gpu.tensor_cores'"),
     (["NEGATIVE"], "key 'link.d2h_gbps': expected a positive number, got -8"),

@@ -27,14 +27,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from infinigen_sim.validate import (
-    Run,
-    abs_errors,
-    fetch_model_of,
-    main,
-    measured_times,
-    validate_bundle,
-)
+from infinigen_sim.analysis.validate import Run, abs_errors, fetch_model_of, measured_times, validate_bundle
+from infinigen_sim.validate import main
 from profiler import collect
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,7 +132,7 @@ def test_another_schema_version_is_a_one_line_error(quick_bundle, tmp_path):
     (old / "meta.yaml").write_text(yaml.safe_dump({**meta, "schema_version": 0}))
     result = subprocess.run([sys.executable, "-m", "infinigen_sim.validate", str(old)], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and "key 'schema_version': expected 1, got 0" in result.stderr
+    assert result.returncode == 2 and "key 'schema_version': expected 2, got 0" in result.stderr
 
 
 # ---- the measured side -----------------------------------------------------------------------
@@ -152,17 +146,18 @@ def _rows(policy: str, fetched: dict[int, list[int]]) -> pd.DataFrame:
         for layer in (0, 1):
             rows += [{**base, "phase": "decode", "step": step, "layer": layer, "op": op, "seconds": s,
                       "context_len": 8 + step, "fetched_tokens": fetched[layer][step]}
-                     for op, s in (("qkv", 0.001), ("o_proj", 0.002), ("ffn", 0.003))]
+                     for op, s in (("qkv", 0.001), ("norm", 0.0005), ("ffn", 0.005))]
         rows.append({**base, "phase": "decode", "step": step, "layer": -1, "op": "wall", "seconds": wall,
                      "context_len": 8 + step, "fetched_tokens": 0})
     return pd.DataFrame(rows)
 
 
-def test_measured_times_take_the_median_step_and_sum_o_proj_into_ffn():
+def test_measured_times_take_the_median_step_and_sum_each_phase_over_layers():
     run = Run.from_rows("r", _rows("flexgen", {0: [8, 9], 1: [8, 9]}))
     times = measured_times(run)
     assert run.complete and times.prefill_s == 0.5 and times.step_s == pytest.approx(0.020)
-    assert times.step_phases == {"qkv": pytest.approx(0.002), "ffn": pytest.approx(0.010)}
+    assert times.step_phases == {"qkv": pytest.approx(0.002), "norm": pytest.approx(0.001),
+                                 "ffn": pytest.approx(0.010)}
 
 
 def test_infinigen_fetch_counts_are_replayed_per_layer():

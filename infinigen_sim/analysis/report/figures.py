@@ -13,13 +13,14 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from infinigen_sim.pipeline import RESOURCES, Op
-from infinigen_sim.sensitivity import PAYS_SPEEDUP
+from infinigen_sim.analysis.sensitivity import PAYS_SPEEDUP
+from infinigen_sim.sim.machine import TimedOp
+from infinigen_sim.sim.scenario import RESOURCES
+from infinigen_sim.spec.ops import Op
 
 COLORS = {"ideal": "black", "flexgen": "tab:red", "int4": "tab:orange", "h2o": "tab:green", "infinigen": "tab:blue"}
 KINDS = {"compute": "tab:gray", "speculate": "tab:purple", "gather": "tab:brown", "H2D KV": "tab:blue",
          "H2D weights": "tab:cyan", "D2H": "tab:red"}
-SPREAD_COLUMNS = ("tokens_per_s_p10", "tokens_per_s_p90")
 
 
 def _plain_ticks(ax) -> None:
@@ -35,16 +36,6 @@ def _plain_ticks(ax) -> None:
 
 def _color(policy: str) -> str:
     return COLORS.get(policy, "tab:olive")
-
-
-def series_with_band(ax, part: pd.DataFrame, x: str, label: str, color: str) -> None:
-    """tokens/s against `x`; a p10-p90 band where the rows carry spreads (never otherwise)."""
-    part = part.sort_values(x)
-    ax.plot(part[x], part["tokens_per_s"], marker="o", ms=3, label=label, color=color)
-    if all(c in part.columns for c in SPREAD_COLUMNS):
-        band = part.dropna(subset=list(SPREAD_COLUMNS))
-        if not band.empty:
-            ax.fill_between(band[x], band[SPREAD_COLUMNS[0]], band[SPREAD_COLUMNS[1]], color=color, alpha=0.2)
 
 
 def _grid(n: int, width: float = 4.2, height: float = 3.2) -> tuple[Figure, list]:
@@ -64,7 +55,8 @@ def throughput_vs_batch(part: pd.DataFrame, policies: Sequence[str]) -> Figure:
     for ax, prompt in zip(axes, prompts, strict=True):
         at = part[(part["prompt_len"] == prompt) & part["fits"]]
         for name in policies:
-            series_with_band(ax, at[at["policy"] == name], "batch_size", name, _color(name))
+            mine = at[at["policy"] == name].sort_values("batch_size")
+            ax.plot(mine["batch_size"], mine["tokens_per_s"], marker="o", ms=3, label=name, color=_color(name))
         ax.set_xscale("log", base=2)
         ax.set(yscale="log", title=f"prompt {prompt}, gen {part['gen_len'].iloc[0]}", xlabel="batch",
                ylabel="generated tokens/s")
@@ -115,18 +107,18 @@ def bandwidth(sweep: pd.DataFrame, policies: Sequence[str], actual_gbps: float) 
     return fig
 
 
-def op_kind(op: Op) -> str:
+def op_kind(op: TimedOp) -> str:
     """compute / speculate / gather / H2D KV / H2D weights / D2H."""
     if op.resource == "gpu":
-        return "speculate" if op.name in ("speculate", "topk") else "compute"
+        return "speculate" if op.op in (Op.SPECULATE, Op.TOPK) else "compute"
     if op.resource == "host_cpu":
         return "gather"
     if op.resource == "h2d_link":
-        return "H2D weights" if op.name == "load_weights" else "H2D KV"
+        return "H2D weights" if op.what == "weights" else "H2D KV"
     return "D2H"
 
 
-def _gantt(ax, ops: Sequence[Op], title: str) -> None:
+def _gantt(ax, ops: Sequence[TimedOp], title: str) -> None:
     for op in ops:
         if op.end_s <= op.start_s:
             continue
@@ -139,13 +131,13 @@ def _gantt(ax, ops: Sequence[Op], title: str) -> None:
     ax.grid(True, axis="x", alpha=0.3)
 
 
-def zoom_window(ops: Sequence[Op], first_layer: int, n_layers: int) -> tuple[float, float]:
+def zoom_window(ops: Sequence[TimedOp], first_layer: int, n_layers: int) -> tuple[float, float]:
     """Seconds from the first GPU op of `first_layer` to the last GPU op of the n-th layer after it."""
     gpu = [op for op in ops if op.resource == "gpu" and first_layer <= op.layer < first_layer + n_layers]
     return min(op.start_s for op in gpu), max(op.end_s for op in gpu)
 
 
-def timeline(ops_by_policy: Mapping[str, Sequence[Op]], zoom_layers: int = 4) -> Figure:
+def timeline(ops_by_policy: Mapping[str, Sequence[TimedOp]], zoom_layers: int = 4) -> Figure:
     """Gantt of one decode step per policy; the first policy also zoomed on `zoom_layers` middle
     layers (steady state: past any full-fetch layers, before the LM head)."""
     names = list(ops_by_policy)

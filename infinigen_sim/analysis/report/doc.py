@@ -1,17 +1,22 @@
 """A report as a list of blocks (headings, paragraphs, tables, figures), rendered twice: Markdown with
 PNGs under images/ by relative path, and one self-contained HTML file with the same PNGs inlined
-as base64. No Markdown library: both renderings are written directly."""
+as base64. No Markdown library: both renderings are written directly (a Doc holds headings, paragraphs,
+tables and PNGs only, which need no more than escaping). Nothing is written until `write`, so a report
+that fails half-way leaves no files behind."""
 
 from __future__ import annotations
 
 import base64
 import html
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from matplotlib.figure import Figure
+
+from infinigen_sim.spec.io import write_text_atomic
 
 IMAGES = "images"  # sub-folder of the output folder holding the PNGs
 _CSS = ("body{font-family:system-ui,sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem;color:#222}"
@@ -22,11 +27,11 @@ _CSS = ("body{font-family:system-ui,sans-serif;max-width:72rem;margin:2rem auto;
 
 @dataclass
 class Doc:
-    """Blocks in order; `figure` writes its PNG at once so the Markdown can point at it."""
+    """Blocks in order; figures are rendered to PNG bytes at once and written with the text by `write`."""
 
     title: str
-    out_dir: Path
     blocks: list[tuple[str, Any]] = field(default_factory=list)
+    images: dict[str, bytes] = field(default_factory=dict)  # images/<name>.png -> PNG bytes
 
     def heading(self, text: str, level: int = 2) -> None:
         self.blocks.append(("heading", (level, text)))
@@ -38,15 +43,22 @@ class Doc:
         self.blocks.append(("table", frame))
 
     def figure(self, fig: Figure, name: str, caption: str) -> None:
-        path = self.out_dir / IMAGES / f"{name}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100, bbox_inches="tight")
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
         fig.clf()
-        self.blocks.append(("figure", (f"{IMAGES}/{name}.png", caption)))
+        path = f"{IMAGES}/{name}.png"
+        self.images[path] = buffer.getvalue()
+        self.blocks.append(("figure", (path, caption)))
 
-    @property
-    def headings(self) -> list[str]:
-        return [text for kind, value in self.blocks if kind == "heading" for level, text in [value] if level == 2]
+    def write(self, out_dir: Path) -> Path:
+        """images/*.png, report.md and report.html (last) into `out_dir`; returns the path of report.html."""
+        out_dir = Path(out_dir)
+        for path, data in self.images.items():
+            (out_dir / path).parent.mkdir(parents=True, exist_ok=True)
+            (out_dir / path).write_bytes(data)
+        write_text_atomic(out_dir / "report.md", self.markdown())
+        write_text_atomic(out_dir / "report.html", self.html())
+        return out_dir / "report.html"
 
     def markdown(self) -> str:
         out = [f"# {self.title}", ""]
@@ -72,7 +84,7 @@ class Doc:
             elif kind == "table":
                 out.append(_html_table(value))
             else:
-                data = base64.b64encode((self.out_dir / value[0]).read_bytes()).decode("ascii")
+                data = base64.b64encode(self.images[value[0]]).decode("ascii")
                 out.append(f"<figure><img alt='{html.escape(value[1])}' src='data:image/png;base64,{data}'>"
                            f"<figcaption>{html.escape(value[1])}</figcaption></figure>")
         return "\n".join([*out, "</body></html>", ""])

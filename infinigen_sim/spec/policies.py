@@ -22,11 +22,11 @@ when its own compute starts, so copy and compute serialise):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 
-from infinigen_sim.models import ModelSpec
+from infinigen_sim.spec.fetch import DEFAULT_FETCH_MODEL, FetchModel
+from infinigen_sim.spec.models import ModelSpec
 
 
 class PolicyName(str, Enum):
@@ -108,48 +108,6 @@ def parse_policy_name(name: str | PolicyName) -> PolicyName:
 def make_policy(name: str | PolicyName, **params: object) -> PolicyConfig:
     """A policy with the paper's defaults, overridden by `params`."""
     return PolicyConfig(parse_policy_name(name)).with_overrides(**params)
-
-
-# ---- workload: how many tokens InfiniGen fetches --------------------------------------------
-# InfiniGen paper (Lee et al., OSDI 2024), OPT-13B at alpha 4: on average 37 / 60 / 66 / 73
-# important tokens at sequence lengths 512 / 1024 / 1536 / 2048. Workload statistics, not speed.
-PAPER_OPT13B_ALPHA4 = ((512, 37.0), (1024, 60.0), (1536, 66.0), (2048, 73.0))
-
-
-@dataclass(frozen=True)
-class FetchModel:
-    """Tokens InfiniGen's speculation selects per layer: count = a * n^b (before the cap).
-
-    `groups` optionally gives per-layer-group fits as (first_layer, a, b), sorted by first_layer;
-    layers before the first group use (a, b).
-    """
-
-    a: float
-    b: float
-    source: str = "paper default (OPT-13B, alpha 4)"
-    groups: tuple[tuple[int, float, float], ...] = ()
-
-    @classmethod
-    def fit(cls, points: Sequence[tuple[float, float]], source: str) -> FetchModel:
-        """Least-squares power law through (context_len, tokens) points in log-log space."""
-        pts = [(math.log(n), math.log(c)) for n, c in points if n > 0 and c > 0]
-        if len(pts) < 2:
-            raise ValueError(f"{source}: need at least two positive (context, count) points to fit")
-        mx = sum(x for x, _ in pts) / len(pts)
-        my = sum(y for _, y in pts) / len(pts)
-        sxx = sum((x - mx) ** 2 for x, _ in pts)
-        b = sum((x - mx) * (y - my) for x, y in pts) / sxx if sxx > 0 else 0.0
-        return cls(a=math.exp(my - b * mx), b=b, source=source)
-
-    def tokens(self, context_len: int, layer: int = 0) -> float:
-        a, b = self.a, self.b
-        for first, ga, gb in self.groups:
-            if layer >= first:
-                a, b = ga, gb
-        return a * max(context_len, 1) ** b
-
-
-DEFAULT_FETCH_MODEL = FetchModel.fit(PAPER_OPT13B_ALPHA4, source="paper default (OPT-13B, alpha 4)")
 
 
 def infinigen_cap(policy: PolicyConfig, context_len: int) -> int:

@@ -1,4 +1,4 @@
-"""Hardware configs: load `hw_configs/*.yaml` (with `base:` inheritance), validate, override.
+"""Hardware configs: load `infinigen_sim/hw_configs/*.yaml` (with `base:` inheritance), validate, override.
 
 Peak figures come from the YAML exactly as published; the achievable fractions are separate
 `*_efficiency` fields whose defaults are documented here (a measured profile replaces them).

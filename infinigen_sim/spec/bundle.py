@@ -1,5 +1,7 @@
 """The profile bundle: the one contract between the profiler (writer) and the simulator (reader).
 
+Op names in kernels.csv and steps.csv are `spec.ops.Op` values, the vocabulary of both worlds.
+
 A bundle is a folder:
   meta.yaml       schema_version, creation time, device/host/driver facts, repeat counts
   kernels.csv     one row per (op, model, dtype, batch_size, n_tokens, kv_len): measured op time
@@ -12,9 +14,6 @@ Rows are keyed by their parameters, so an interrupted collection resumes without
 
 from __future__ import annotations
 
-import csv
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,9 @@ from typing import Any
 import pandas as pd
 import yaml
 
-SCHEMA_VERSION = 1
+from infinigen_sim.spec.io import ResumableCsv, write_text_atomic
+
+SCHEMA_VERSION = 2  # 2: one op vocabulary (spec.ops): `ffn` is the output projection + MLP, no `o_proj` rows
 
 KERNEL_KEY = ["op", "model", "dtype", "batch_size", "n_tokens", "kv_len"]
 KERNEL_COLUMNS = [*KERNEL_KEY, "median_us", "p10_us", "p90_us", "repeats", "status"]
@@ -65,40 +66,14 @@ class Bundle:
         return str(self.meta.get("device", {}).get("name", "unknown"))
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_meta(bundle_dir: Path, meta: dict[str, Any]) -> None:
     meta = {"schema_version": SCHEMA_VERSION, **meta}
     write_text_atomic(Path(bundle_dir) / "meta.yaml", yaml.safe_dump(meta, sort_keys=False))
 
 
 def append_rows(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    """Append complete rows (header on first write); each call flushes whole lines only."""
-    if not rows:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="raise")
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-        handle.flush()
-        os.fsync(handle.fileno())
+    """Append complete rows to a bundle table (header on first write); whole lines, on disk on return."""
+    ResumableCsv(path).append(rows, columns)
 
 
 def row_key(row: dict[str, Any], key: list[str]) -> tuple[str, ...]:
@@ -115,14 +90,8 @@ def _norm(value: Any) -> str:
 
 
 def done_keys(path: Path, key: list[str]) -> set[tuple[str, ...]]:
-    """Keys of the complete rows already in `path` (a torn last line is dropped and rewritten)."""
-    if not path.exists():
-        return set()
-    lines = path.read_text().splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        path.write_text("".join(lines[:-1]))  # a kill mid-line: drop the torn row
-    with path.open(newline="") as handle:
-        return {row_key(r, key) for r in csv.DictReader(handle) if None not in r.values()}
+    """Keys of the complete rows already in `path` (a torn last line is cut off, to be rewritten)."""
+    return {row_key(r, key) for r in ResumableCsv(path).complete_rows()}
 
 
 def _read_table(bundle_dir: Path, name: str, required: bool) -> pd.DataFrame:

@@ -1,6 +1,6 @@
 """The report's sections: each `section_*` appends one titled part (text, tables, figures) to a `Doc`
 from a `Context` (the results of one model, its setups and the chosen point). Re-simulation (bandwidth
-sweep, timeline, elasticities, memory fit) goes through `infinigen_sim.sensitivity`."""
+sweep, timeline, elasticities, memory fit) goes through `infinigen_sim.analysis.sensitivity`."""
 
 from __future__ import annotations
 
@@ -12,13 +12,9 @@ from typing import Any
 
 import pandas as pd
 
-from infinigen_sim import report_figures as figs
-from infinigen_sim.hardware import HardwareConfig, from_raw, load_hardware
-from infinigen_sim.pipeline import RESOURCES
-from infinigen_sim.policies import PolicyName
-from infinigen_sim.report_doc import Doc
-from infinigen_sim.report_figures import SPREAD_COLUMNS
-from infinigen_sim.sensitivity import (
+import infinigen_sim.analysis.report.figures as figs
+from infinigen_sim.analysis.report.doc import Doc
+from infinigen_sim.analysis.sensitivity import (
     LINK_GBPS,
     PARAMETERS,
     PAYS_SPEEDUP,
@@ -31,11 +27,13 @@ from infinigen_sim.sensitivity import (
     step_ops,
     stops_paying_gbps,
 )
+from infinigen_sim.sim.scenario import RESOURCES
+from infinigen_sim.spec.hardware import HardwareConfig, from_raw, load_hardware
+from infinigen_sim.spec.policies import PolicyName
 
 SECTIONS = ("Summary", "Throughput vs batch", "Speedup over FlexGen vs context length",
             "Speedup vs host-link bandwidth", "Decode-step timeline", "Memory fit", "Bottlenecks",
             "Sensitivity", "Uncertainty")
-NO_SPREADS = "no profile spreads: physics defaults (no band)"
 
 
 @dataclass(frozen=True)
@@ -59,20 +57,6 @@ class Results:
             if isinstance(entry, dict) and entry.get("name") == name:
                 return hardware_with(from_raw(dict(entry), str(self.source / "config.yaml"), name), hw_settings)
         return load_hardware(name, hw_settings)
-
-
-# ---- uncertainty hook ----------------------------------------------------------------------
-def has_spreads(frame: pd.DataFrame) -> bool:
-    """Whether a calibrated profile gave throughput spreads (p10/p90 columns with values)."""
-    return all(c in frame.columns for c in SPREAD_COLUMNS) and frame[list(SPREAD_COLUMNS)].notna().any().any()
-
-
-def uncertainty_note(frame: pd.DataFrame) -> str:
-    """What the plots' bands mean, or NO_SPREADS when the results carry none (no band is drawn then)."""
-    if has_spreads(frame):
-        return ("Bands show the p10-p90 spread of tokens/s from the profile bundle "
-                f"({SPREAD_COLUMNS[0]}, {SPREAD_COLUMNS[1]}); lines are the medians.")
-    return NO_SPREADS
 
 
 def _list(values: list[Any]) -> str:
@@ -144,7 +128,7 @@ def section_summary(doc: Doc, ctx: Context) -> None:
 def section_throughput(doc: Doc, ctx: Context) -> None:
     doc.heading("Throughput vs batch")
     doc.paragraph("Generated tokens/s against batch size, one panel per prompt length; a missing point did not "
-                  "fit in memory. " + uncertainty_note(ctx.frame))
+                  "fit in memory.")
     for i, (label, part) in enumerate(ctx.setups()):
         doc.heading(label, 3)
         doc.figure(figs.throughput_vs_batch(part, ctx.policies), f"throughput_vs_batch_{i}",
@@ -268,7 +252,20 @@ def section_sensitivity(doc: Doc, ctx: Context) -> None:
 
 def section_uncertainty(doc: Doc, ctx: Context) -> None:
     doc.heading("Uncertainty")
-    doc.paragraph(uncertainty_note(ctx.frame))
+    frame = ctx.frame
+    if "calibration" not in frame.columns:
+        doc.paragraph("Every figure here comes from physics defaults: the hardware YAML's peaks times fixed "
+                      "efficiencies, with no measurement of this hardware behind it. How far the simulator is "
+                      "from a measured runtime is what `python -m infinigen_sim.validate BUNDLE` prints (median "
+                      "and p95 step error; the repository's bundles hold theirs in profiles/*/validation.md). "
+                      "Calibrate with --profile BUNDLE for measured op and copy times.")
+        return
+    fits = frame[frame["fits"]]
+    labels = ", ".join(f"{label} ({n} rows)" for label, n in fits["calibration"].value_counts().items())
+    extrapolated = int(fits["extrapolated"].astype(bool).sum())
+    doc.paragraph(f"Calibrated from a profile bundle: {labels}. {extrapolated} of {len(fits)} fitting rows price "
+                  "at least one op or copy outside the bundle's measured grid (column extrapolated), from "
+                  "the fitted rooflines; those are less certain than rows inside the grid.")
 
 
 SECTION_BUILDERS = (section_summary, section_throughput, section_speedup_context, section_bandwidth,

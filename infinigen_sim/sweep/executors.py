@@ -131,8 +131,9 @@ def code_fingerprint() -> str:
     except PackageNotFoundError:
         package_version = "unknown"
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    package = Path(__file__).resolve().parents[1]  # every source of infinigen_sim decides the numbers
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
     return f"{package_version}+{digest.hexdigest()[:12]}"
 
 

@@ -26,19 +26,20 @@ from typing import Any
 
 import pandas as pd
 
-from infinigen_sim.costs import plan_memory
-from infinigen_sim.hardware import HardwareConfig, from_raw, load_hardware, set_dotted
-from infinigen_sim.models import get_model
-from infinigen_sim.pipeline import Op, trace_ops
-from infinigen_sim.points import Point, scenario_for, simulate_point
-from infinigen_sim.policies import PolicyName, make_policy
+from infinigen_sim.cost.memory import plan_memory
+from infinigen_sim.sim.machine import TimedOp
+from infinigen_sim.sim.trace import trace_ops
+from infinigen_sim.spec.hardware import HardwareConfig, from_raw, load_hardware, set_dotted
+from infinigen_sim.spec.models import get_model
+from infinigen_sim.spec.policies import PolicyName, make_policy
+from infinigen_sim.sweep.grid import POLICY_PREFIX, Point
+from infinigen_sim.sweep.point import scenario_for, simulate_point
 
 PARAMETERS = ("link.h2d_gbps", "link.d2h_gbps", "gpu.hbm_gbps", "gpu.fp16_tflops", "host.memory_gbps")
 LINK_GBPS = (8, 16, 32, 64, 128, 256, 512)  # host-link sweep, GB/s per direction
 PAYS_SPEEDUP = 1.10  # InfiniGen "pays" while it beats FlexGen by at least this factor
 MAX_BATCH = 1 << 16  # memory-fit search ceiling
 SHAPE_KEYS = ("model", "policy", "batch_size", "prompt_len", "gen_len")
-POLICY_PREFIX = "policy."
 
 
 class PointError(ValueError):
@@ -190,7 +191,7 @@ def memory_fit(hw: HardwareConfig, model: str, policies: Sequence[str], prompt_l
 TIMELINE_STEP = 1  # the second decode step: it waits on the first step's write-backs, as all later ones do
 
 
-def step_ops(point: Point) -> list[Op]:
+def step_ops(point: Point) -> list[TimedOp]:
     """Every op of one steady decode step of `point` (full replay, context prompt_len + 1), with
     times from that step's start; empty when the point does not fit."""
     short = replace(point, gen_len=TIMELINE_STEP + 2)  # prefill + decode steps 0 and 1

@@ -17,17 +17,17 @@ lookup that leans on one is marked extrapolated too.
 Which transfer row prices a copy: pinned host memory when the bundle measured it, else pageable;
 with overlap on, copies run beside compute and take the `concurrent` rows, with it off the `alone`
 rows (a CPU bundle's D2H runs inline on the compute thread: always `alone`, see `Placement` in
-pipeline.py). InfiniGen's fetch is priced as its parts: `gathered.gather` (host gather of rows of
+infinigen_sim.sim.machine). InfiniGen's fetch is priced as its parts: `gathered.gather` (host gather of rows of
 one KV head, `head_dim` elements, as the runtime gathers them) and `gathered.copy` (the staging
 buffer's copy).
 
-Op names: the runtime times `o_proj` and `ffn` (the MLP) apart; the cost model's `ffn` is their sum.
-Decode attention rows are keyed by the cached rows before the new one (kernels.py); the cost model
-counts the new row in `kv_len`, so a row with kv_len = K answers queries at K + 1. kernels.py times
+Op names are `spec.ops.Op` values in the bundle and in the cost model alike. Decode attention rows are
+keyed by the cached rows before the new one (profiler kernels); the cost model counts the new row in
+`kv_len`, so a row with kv_len = K answers queries at K + 1 (`card.query_kv`). The profiler times
 every op as a step runs it (each layer's weights and rows read from memory), so rows are used as
 they are: no cache-versus-memory correction.
 
-A CPU bundle replayed on its own box (`pipeline.CPU_PLACEMENT`) adds what the CPU runtime spends
+A CPU bundle replayed on its own box (`sim.machine.CPU_PLACEMENT`) adds what the CPU runtime spends
 outside its timed ops, each from a measured row: the engine's span bookkeeping after every op on the
 compute thread (kernels.csv 'span', per model; `span_s`), and what a layer's copy-worker jobs cost
 the compute thread (transfers.csv 'handoff.<policy>', over the fetched bytes; `handoff_s`) and the worker
@@ -37,96 +37,27 @@ the compute thread (transfers.csv 'handoff.<policy>', over the fetched bytes; `h
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from infinigen_sim.bundle import Bundle, read_bundle
-from infinigen_sim.costs import RUNTIME_OPS, CostModel, PhysicsCosts
-from infinigen_sim.hardware import HardwareConfig, load_hardware
-from infinigen_sim.models import ModelSpec
-from infinigen_sim.policies import FetchModel, PolicyConfig, make_policy
-from infinigen_sim.tables import (
-    CalibrationError,
-    CopyTable,
-    KernelTables,
-    _rows,
-    _zoo,
-    bundle_hardware,
-    copy_tables,
-    fit_affine,
-    is_cpu_bundle,
-    names_match,
-)
+from infinigen_sim.cost.card import CalibrationError, bundle_hardware, is_cpu_bundle, measured_rows, names_match
+from infinigen_sim.cost.overheads import SPANS_PER_OP, Handoff, span_costs
+from infinigen_sim.cost.physics import CostModel, PhysicsCosts
+from infinigen_sim.cost.tables import CopyTable, KernelTables, copy_tables
+from infinigen_sim.spec.bundle import read_bundle
+from infinigen_sim.spec.fetch import FetchFit, FetchModel, fit_fetch
+from infinigen_sim.spec.hardware import HardwareConfig, load_hardware
+from infinigen_sim.spec.models import ModelSpec
+from infinigen_sim.spec.ops import MEASURED_OPS, Op
+from infinigen_sim.spec.policies import PolicyConfig, make_policy
 
-__all__ = ["BundleCosts", "Calibration", "CalibrationError", "FetchFit", "bundle_hardware", "calibration",
-           "calibration_columns", "fit_fetch", "load_calibration", "point_costs", "point_fetch_model"]
-
-
-# ---- fetch counts from a checkpoint ----------------------------------------------------------
-FETCH_SOURCE = "checkpoint"
-FETCH_GROUPS = 4  # layer groups of the fetch fit (consecutive layers share a power law)
-
-
-@dataclass(frozen=True)
-class FetchFit:
-    """InfiniGen's selected rows per layer group as a power law of the context, from fetch.csv."""
-
-    model: str  # the checkpoint the counts come from
-    alpha: float
-    n_layers: int  # layers of that model (groups are rescaled by depth for other models)
-    fetch_model: FetchModel
-    groups: tuple[dict[str, Any], ...]  # per group: first/last layer, a, b, points, r2
-
-    def for_model(self, spec: ModelSpec) -> FetchModel:
-        """The same fit with groups moved to `spec`'s layers by relative depth."""
-        if spec.n_layers == self.n_layers:
-            return self.fetch_model
-        groups = tuple((round(first * spec.n_layers / self.n_layers), a, b)
-                       for first, a, b in self.fetch_model.groups)
-        source = f"{self.fetch_model.source}, layer groups scaled {self.n_layers} -> {spec.n_layers} layers"
-        return replace(self.fetch_model, groups=groups, source=source)
-
-
-def fit_fetch(fetch: pd.DataFrame, alpha: float = make_policy("infinigen").alpha,
-              n_groups: int = FETCH_GROUPS) -> FetchFit | None:
-    """count = a * context^b per group of consecutive speculated layers, from the 'checkpoint' rows
-    at the alpha closest to `alpha` (of the model with most rows); None without such rows."""
-    rows = fetch[(fetch["source"].astype(str) == FETCH_SOURCE)].copy()
-    rows = rows[(rows["fetched_tokens"] > 0) & (rows["context_len"] > 0)]
-    if rows.empty:
-        return None
-    model = str(rows["model"].value_counts().index[0])
-    rows = rows[rows["model"] == model]
-    chosen = float(min(rows["alpha"].unique(), key=lambda a: (abs(float(a) - alpha), float(a))))
-    rows = rows[rows["alpha"].astype(float) == chosen]
-    full = make_policy("infinigen").full_fetch_layers
-    layers = sorted(int(layer) for layer in rows["layer"].unique() if int(layer) >= full) or \
-        sorted(int(layer) for layer in rows["layer"].unique())
-    spec = _zoo(model)
-    n_layers = spec.n_layers if spec is not None else max(layers) + 1
-    chunks = [list(c) for c in np.array_split(layers, min(n_groups, len(layers))) if len(c)]
-    groups, reports = [], []
-    for chunk in chunks:
-        part = rows[rows["layer"].isin(chunk)]
-        points = list(zip(part["context_len"].astype(float), part["fetched_tokens"].astype(float), strict=True))
-        fit = FetchModel.fit(points, source=model) if len(set(p[0] for p in points)) >= 2 else \
-            FetchModel(a=float(np.mean([p[1] for p in points])), b=0.0, source=model)
-        logs = np.log(np.array(points))
-        predicted = np.log(fit.a) + fit.b * logs[:, 0]
-        total = ((logs[:, 1] - logs[:, 1].mean()) ** 2).sum()
-        r2 = 1 - ((logs[:, 1] - predicted) ** 2).sum() / total if total > 0 else 1.0
-        groups.append((int(chunk[0]), fit.a, fit.b))
-        reports.append({"layers": f"{chunk[0]}-{chunk[-1]}", "a": round(fit.a, 6), "b": round(fit.b, 6),
-                        "points": len(points), "r2_log": round(float(r2), 4)})
-    first = groups[0]
-    source = f"fetch.csv {FETCH_SOURCE} {model} alpha {chosen:g}: a*n^b per layer group"
-    fetch_model = FetchModel(a=first[1], b=first[2], source=source, groups=tuple(groups))
-    return FetchFit(model, chosen, n_layers, fetch_model, tuple(reports))
+__all__ = ["BundleCosts", "Calibration", "CalibrationError", "calibration", "calibration_columns",
+           "load_calibration", "point_costs", "point_fetch_model"]
+DEFAULT_POLICY = make_policy("infinigen")  # fetch.csv is fitted at its alpha and full-fetch layers
 
 
 # ---- the cost model --------------------------------------------------------------------------
@@ -147,12 +78,13 @@ class Calibration:
     @classmethod
     def load(cls, profile_dir: str | Path) -> Calibration:
         bundle = read_bundle(profile_dir)  # BundleError names file and key (schema_version included)
-        if _rows(bundle.kernels).empty:
+        if measured_rows(bundle.kernels).empty:
             raise CalibrationError(f"{bundle.path}: kernels.csv has no measured rows")
         source = bundle_hardware(bundle)
         cpu = is_cpu_bundle(bundle)
         return cls(Path(bundle.path), bundle.device_name, cpu, source, KernelTables.from_bundle(bundle, source),
-                   copy_tables(bundle), fit_fetch(bundle.fetch) if not bundle.fetch.empty else None,
+                   copy_tables(bundle), fit_fetch(bundle.fetch, DEFAULT_POLICY.full_fetch_layers, DEFAULT_POLICY.alpha)
+                   if not bundle.fetch.empty else None,
                    span_costs(bundle) if cpu else {}, Handoff.from_bundle(bundle) if cpu else None)
 
     def span_s(self, model: str) -> float:
@@ -197,79 +129,12 @@ class Calibration:
                                "profiled_card": self.source.to_dict()}
         if self.cpu:
             out["cpu_runtime"] = {"span_us": {m: round(s * 1e6, 3) for m, s in sorted(self.spans.items())},
-                                  "spans_per_op": SPANS_PER_OP,
+                                  "spans_per_op": {op.value: n for op, n in SPANS_PER_OP.items()},
                                   "handoff": self.handoff.describe() if self.handoff else
                                   "not measured (no transfers.csv handoff rows): not charged"}
         if self.fetch is not None:
             out["fetch_fit"] = {"model": self.fetch.model, "alpha": self.fetch.alpha, "groups": list(self.fetch.groups)}
         return out
-
-
-# CPU runtime: PhaseTimer spans the engine opens per pipeline op on the compute thread: one each, but
-# `ffn` is o_proj + MLP, InfiniGen speculates a layer and then files the new token's partial K, and the
-# copy-worker handoff is no timed op
-SPANS_PER_OP = {"ffn": 2, "speculate": 2, "handoff": 0, "span": 0}
-
-
-def span_costs(bundle: Bundle) -> dict[str, float]:
-    """{model: seconds of one runtime span}, the median of kernels.csv's 'span' rows of each model.
-
-    The engine wraps every timed op in a PhaseTimer span; its bookkeeping lies outside the span's own
-    seconds (so outside every op's row) but inside a step's wall time."""
-    rows = _rows(bundle.kernels)
-    rows = rows[rows["op"] == "span"]
-    return {str(model): float(part["median_us"].median()) * 1e-6 for model, part in rows.groupby("model")}
-
-
-@dataclass(frozen=True)
-class HandoffFit:
-    """One policy's handoff: seconds = fixed_s + per_byte_s x the layer's fetched bytes."""
-
-    fixed_s: float
-    per_byte_s: float
-
-    def layer_s(self, nbytes: float) -> float:
-        return self.fixed_s + self.per_byte_s * max(nbytes, 0.0)
-
-
-@dataclass(frozen=True)
-class Handoff:
-    """What the jobs one layer hands the CPU runtime's copy worker (its K/V fetch and the commit of the
-    new row) cost the compute thread, per policy, from transfers.csv's 'handoff.<policy>' rows
-    (`profiler.handoff`, the runtime's own jobs): an affine fit in the fetched bytes over every
-    measured context (non-negative; the slope is the share of the copy the worker could not run
-    beside the compute thread). A policy without rows takes the dearest measured one. The worker
-    itself pays half the fixed part per job (its wake-up and Python)."""
-
-    fits: dict[str, HandoffFit]
-    source: str
-
-    @classmethod
-    def from_bundle(cls, bundle: Bundle) -> Handoff | None:
-        t = bundle.transfers
-        rows = t[t["layout"].astype(str).str.startswith("handoff.") & (t["status"].astype(str) == "ok")]
-        fits = {}
-        for layout, part in rows.groupby("layout"):
-            nbytes = part["nbytes"].to_numpy(float)
-            seconds = np.maximum(pd.to_numeric(part["median_us"]).to_numpy(float), 0.01) * 1e-6
-            fixed, per_byte = fit_affine(np.column_stack([np.ones_like(nbytes), nbytes]), seconds)
-            fits[str(layout).removeprefix("handoff.")] = HandoffFit(float(fixed), float(per_byte))
-        if not fits:
-            return None
-        return cls(fits, f"transfers.csv handoff rows ({', '.join(sorted(fits))})")
-
-    def fit(self, policy: str | None) -> HandoffFit:
-        return self.fits.get(policy or "") or max(self.fits.values(), key=lambda f: f.layer_s(1 << 20))
-
-    def layer_s(self, policy: str | None, nbytes: float) -> float:
-        return self.fit(policy).layer_s(nbytes)
-
-    def job_s(self, policy: str | None) -> float:
-        return self.fit(policy).fixed_s / 2
-
-    def describe(self) -> dict[str, Any]:
-        return {"fits": {p: {"fixed_us": round(f.fixed_s * 1e6, 3), "us_per_mib": round(f.per_byte_s * 1e6 * 2**20, 3)}
-                         for p, f in sorted(self.fits.items())}, "source": self.source}
 
 
 class BundleCosts:
@@ -346,9 +211,9 @@ class BundleCosts:
         return self._copy("gather", self.h2d_concurrent, (row, nbytes / row), lambda c: c.gather_s(nbytes, rows),
                           lambda: self.fallback.gather_s(nbytes, rows))
 
-    def measured_ops(self) -> frozenset[str]:
-        """The runtime-only ops (costs.RUNTIME_OPS) the bundle measured: the replay includes those."""
-        return frozenset(op for op in RUNTIME_OPS if op in self.cal.kernels.fits)
+    def measured_ops(self) -> frozenset[Op]:
+        """The runtime-only ops (spec.ops.MEASURED_OPS) the bundle measured: the replay includes those."""
+        return frozenset(op for op in MEASURED_OPS if op in self.cal.kernels.fits)
 
     def span_s(self, op: str) -> float:
         """CPU runtime: the engine's span bookkeeping after pipeline op `op` on the compute thread
