@@ -14,7 +14,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from infinigen_sim.analysis.plan import PlanRequest, evaluate, plan_csv, report_text, unmet_text
-from infinigen_sim.spec.cli import EXIT_UNMET, InputError, Parser, add_dataclass_arguments, report_error
+from infinigen_sim.spec.cli import (
+    EXIT_UNMET,
+    InputError,
+    Parser,
+    add_dataclass_arguments,
+    check_writable,
+    report_error,
+)
 from infinigen_sim.spec.hardware import HardwareError
 from infinigen_sim.spec.io import write_text_atomic
 from infinigen_sim.spec.models import UnknownModelError
@@ -57,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         request = request_from_args(args)
+        if args.out:
+            check_writable("--out", args.out, folder=False)
         frame = evaluate(args.hw_configs, request, args.jobs)
     except (InputError, HardwareError) as exc:
         return report_error(PROG, exc)

@@ -25,7 +25,7 @@ from infinigen_sim.analysis.report import (
     parse_point,
 )
 from infinigen_sim.analysis.sensitivity import PointError
-from infinigen_sim.spec.cli import Parser, report_error
+from infinigen_sim.spec.cli import InputError, Parser, check_writable, report_error
 from infinigen_sim.spec.hardware import HardwareError
 from infinigen_sim.spec.models import UnknownModelError, get_model
 from infinigen_sim.spec.policies import PolicyError
@@ -57,14 +57,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         dirs = [Path(i) for i in args.inputs if Path(i).is_dir()]
         if dirs and len(args.inputs) > 1:
             raise ReportError("give one results folder, or hardware configs, not both or several folders")
+        out = Path(args.out) if args.out else dirs[0] if dirs else Path("report")
+        check_writable("--out", out, folder=True)
         if dirs:
-            out = Path(args.out) if args.out else dirs[0]
             results = load_results(dirs[0])
         else:
-            out = Path(args.out or "report")
             results = compact_results(args.inputs, get_model(args.model or COMPACT_GRID.models[0]).name, out)
         doc = build_report(results, args.model, point)
-    except (ReportError, HardwareError, PolicyError, PointError) as exc:
+    except (ReportError, HardwareError, PolicyError, PointError, InputError) as exc:
         return report_error(PROG, exc)
     except UnknownModelError as exc:
         return report_error(PROG, f"--model: {exc}")

@@ -9,89 +9,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
+from bundle_helpers import A100, BATCHES, KV_LENS, PREFILL_LENS, TINY, kernel_rows, transfer_rows, write_bundle  # noqa: E402
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from infinigen_sim.spec.bundle import (
-    FETCH_COLUMNS,
-    KERNEL_COLUMNS,
-    SCHEMA_VERSION,
-    STEP_COLUMNS,
-    TRANSFER_COLUMNS,
-    BundleError,
-    read_bundle,
-)
 from infinigen_sim.cost.calibrate import DEFAULT_POLICY, BundleCosts, Calibration, load_calibration
 from infinigen_sim.cost.card import bundle_hardware
 from infinigen_sim.cost.grid import Grid, fit_affine
 from infinigen_sim.sim import simulate_full
 from infinigen_sim.sim.scenario import CPU_PLACEMENT, Scenario
 from infinigen_sim.sim.trace import trace_ops
+from infinigen_sim.spec.bundle import (
+    BundleError,
+    read_bundle,
+)
 from infinigen_sim.spec.fetch import fit_fetch
 from infinigen_sim.spec.hardware import load_hardware
 from infinigen_sim.spec.models import get_model
 from infinigen_sim.spec.policies import make_policy
-
-A100 = "NVIDIA A100 80GB PCIe"  # gpu.name of infinigen_sim/hw_configs/a100_pcie4.yaml
-TINY = get_model("tiny-opt")
-KERNEL_OPS = ("embed", "norm", "qkv", "ffn", "lm_head", "quantize")
-BATCHES, KV_LENS, PREFILL_LENS = (1, 8), (128, 2048), (128, 512)
-SIZES = [4096 << k for k in range(13)]  # 4 KiB .. 16 MiB
-
-
-def kernel_rows(seconds, model: str = "tiny-opt") -> list[dict]:
-    """Every op of the kernels.py grid for `model`; seconds(op, batch, n_tokens, kv_len) gives its time."""
-    keys = []
-    for b in BATCHES:
-        keys += [(op, b, 1, 0) for op in KERNEL_OPS]
-        for kv in KV_LENS:
-            keys += [(op, b, 1, kv) for op in ("attention", "speculate", "topk")] + [("dequantize", b, kv, 0)]
-        for n in PREFILL_LENS:
-            keys += [(op, b, n, 0) for op in KERNEL_OPS if op != "lm_head"] + [("attention", b, n, n)]
-    return [{"op": op, "model": model, "dtype": "float16", "batch_size": b, "n_tokens": n, "kv_len": kv,
-             "median_us": 1e6 * seconds(op, b, n, kv), "p10_us": 1e6 * seconds(op, b, n, kv),
-             "p90_us": 1e6 * seconds(op, b, n, kv), "repeats": 5, "status": "ok"} for op, b, n, kv in keys]
-
-
-def transfer_rows(copy_s: float, gather_s: float = 0.0) -> list[dict]:
-    """Flat copy times (alone and concurrent) at every size, d2d at 1 us, gathers at `gather_s`."""
-    rows = []
-
-    def row(direction, memory, layout, concurrent, nbytes, row_bytes, seconds):
-        rows.append({"direction": direction, "memory": memory, "layout": layout, "concurrent": concurrent,
-                     "nbytes": nbytes, "row_bytes": row_bytes, "rows": nbytes // row_bytes if row_bytes else 0,
-                     "median_us": seconds * 1e6, "p10_us": seconds * 1e6, "p90_us": seconds * 1e6,
-                     "gbps": nbytes / seconds / 1e9, "repeats": 5, "status": "ok"})
-
-    for concurrent in (False, True):
-        for n in SIZES:
-            row("h2d", "pinned", "contiguous", concurrent, n, 0, copy_s * (2 if concurrent else 1))
-            row("d2h", "pinned", "contiguous", concurrent, n, 0, copy_s * (2 if concurrent else 1))
-        for row_bytes in (128, 1024):
-            for count in (1, 64, 4096):
-                row("h2d", "pinned", "gathered.gather", concurrent, count * row_bytes, row_bytes, gather_s or copy_s)
-                row("h2d", "pinned", "gathered.copy", concurrent, count * row_bytes, row_bytes, copy_s)
-    for n in SIZES:
-        row("d2d", "device", "contiguous", False, n, 0, 1e-6)
-    return rows
-
-
-def write_bundle(path: Path, kernels: list[dict], transfers: list[dict], device: str = A100,
-                 device_type: str = "cuda", version: int = SCHEMA_VERSION, fetch: list[dict] | None = None,
-                 steps: list[dict] | None = None) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    meta = {"schema_version": version, "device": {"type": device_type, "name": device, "memory_gib": 80},
-            "host": {"cpu_model": "test host", "physical_cores": 2, "memory_gib": 64},
-            "kernels": {"dtype": kernels[0]["dtype"] if kernels else "float16"}}
-    (path / "meta.yaml").write_text(yaml.safe_dump(meta))
-    pd.DataFrame(kernels, columns=KERNEL_COLUMNS).to_csv(path / "kernels.csv", index=False)
-    pd.DataFrame(transfers, columns=TRANSFER_COLUMNS).to_csv(path / "transfers.csv", index=False)
-    if fetch is not None:
-        pd.DataFrame(fetch, columns=FETCH_COLUMNS).to_csv(path / "fetch.csv", index=False)
-    if steps is not None:
-        pd.DataFrame(steps, columns=STEP_COLUMNS).to_csv(path / "steps.csv", index=False)
-    return path
 
 
 @pytest.fixture

@@ -25,8 +25,8 @@ SHIPPED = {"a100_pcie4", "a100_sxm4", "a6000_pcie3", "a6000_pcie4", "h100_pcie5"
            "l4_pcie4", "rtx4090_pcie4", "gh200_c2c"}
 PEAKS = ["gpu.memory_gib", "gpu.fp16_tflops", "gpu.hbm_gbps", "link.h2d_gbps", "link.d2h_gbps",
          "host.memory_gib", "host.memory_gbps", "host.cores"]
-# Every numeric field a `--set` may touch, as (dotted key, is a fraction, is a whole number).
-NUMERIC = [(f"{section}.{f.name}", f.name.endswith("_efficiency"), f.type == "int")
+# Every numeric field a `--set` may touch, as (dotted key, its plausible range, is a whole number).
+NUMERIC = [(f"{section}.{f.name}", f.metadata["range"], f.type == "int")
            for section, cls in (("gpu", GpuSpec), ("link", LinkSpec), ("host", HostSpec))
            for f in fields(cls) if f.type in ("float", "int")]
 
@@ -100,13 +100,12 @@ def overrides(draw) -> dict:
     """A few numeric fields set to random valid values."""
     chosen = draw(st.lists(st.sampled_from(NUMERIC), min_size=1, max_size=5, unique=True))
     out = {}
-    for key, fraction, whole in chosen:
-        if whole:
-            out[key] = draw(st.integers(1, 10_000))
-        elif fraction:
-            out[key] = draw(st.floats(1e-6, 1.0))
-        else:
-            out[key] = draw(st.floats(1e-6, 1e9))
+    for key, (low, high), whole in chosen:
+        if key.endswith("reserved_gib"):
+            high = min(high, 0.5)  # below every shipped memory_gib and every drawn one
+        if key.endswith("memory_gib"):
+            low = max(low, 16.0)  # above the default reserved_gib (1 on the GPU, 8 on the host)
+        out[key] = draw(st.integers(int(low), int(high)) if whole else st.floats(low, high))
     return out
 
 
@@ -178,7 +177,7 @@ def test_efficiency_above_one(tmp_path):
     path = write(tmp_path / "efficiency.yaml", raw)
     with pytest.raises(HardwareError) as exc:
         load_hardware(path)
-    assert_one_line(exc, str(path), "gpu.hbm_efficiency", "(0, 1]")
+    assert_one_line(exc, str(path), "gpu.hbm_efficiency", "plausible range 0.001-1")
 
 
 @pytest.mark.parametrize("key", ["gpu.foo", "nosuch.thing", "gpu", "base"])

@@ -117,7 +117,7 @@ NEGATIVE = f"base: {A100}\nlink: {{d2h_gbps: -8}}\n"
     (["a100_pcie4", "--jobs", "two"], "argument --jobs: expected a whole number >= 1"),
     (["BAD_YAML"], "malformed YAML"),
     (["UNKNOWN_KEY"], "unknown key 'gpu.tensor_cores'"),
-    (["NEGATIVE"], "key 'link.d2h_gbps': expected a positive number, got -8"),
+    (["NEGATIVE"], "key 'link.d2h_gbps': expected a positive number (in GB/s), got -8"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, expected):
     files = {"BAD_YAML": BAD_YAML, "UNKNOWN_KEY": UNKNOWN_KEY, "NEGATIVE": NEGATIVE}

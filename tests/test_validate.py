@@ -100,15 +100,18 @@ def test_small_model_steps_within_target(validated):
     assert len(small) == 10 and (small["error_pct"].abs() <= P95_TARGET_PCT).all(), _report(small)
 
 
-def test_cli_writes_csv_and_markdown(quick_bundle, capsys):
+def test_cli_writes_csv_and_markdown_beside_the_bundle(quick_bundle, capsys):
+    before = sorted(p.name for p in quick_bundle.iterdir())
     assert main([str(quick_bundle)]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"median_abs_error_pct=\d+\.\d p95_abs_error_pct=\d+\.\d", printed[-1])
-    frame = pd.read_csv(quick_bundle / "validation.csv")
+    assert sorted(p.name for p in quick_bundle.iterdir()) == before  # a bundle is never written to
+    out = quick_bundle.with_name(f"{quick_bundle.name}-validation")
+    frame = pd.read_csv(out / "validation.csv")
     for column in ("policy", "model", "batch_size", "prompt_len", "gen_len", "measured_step_s", "predicted_step_s",
                    "error_pct", "measured_prefill_s", "predicted_prefill_s", "prefill_error_pct"):
         assert column in frame.columns
-    text = (quick_bundle / "validation.md").read_text()
+    text = (out / "validation.md").read_text()
     assert "| infinigen |" in text and "InfiniGen over FlexGen" in text and text.strip().endswith(printed[-1])
 
 

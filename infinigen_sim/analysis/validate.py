@@ -14,7 +14,7 @@ host->"device" copies, and device->host copies run inline on the compute thread;
 fp32 (the CPU runtime's dtype).
 
 Measured step = the median over a run's decode steps of each step's wall time, itself the median
-over the run's repeated generations (profiler.steps); prefill = the median prefill wall time. Both
+over the run's repeated generations (profiler.bench.steps); prefill = the median prefill wall time. Both
 are robust to a stray descheduling on a shared box. Predicted step = the median replayed decode step.
 `summary_markdown` ends with `median_abs_error_pct=X p95_abs_error_pct=Y` over every step and prefill
 error. Runtime phases and simulated ops share one vocabulary (`spec.ops.Op`); the only pairing made

@@ -22,7 +22,7 @@ one KV head, `head_dim` elements, as the runtime gathers them) and `gathered.cop
 buffer's copy).
 
 Op names are `spec.ops.Op` values in the bundle and in the cost model alike. Decode attention rows are
-keyed by the cached rows before the new one (profiler kernels); the cost model counts the new row in
+keyed by the cached rows before the new one (profiler.bench.kernels); the cost model counts the new row in
 `kv_len`, so a row with kv_len = K answers queries at K + 1 (`card.query_kv`). The profiler times
 every op as a step runs it (each layer's weights and rows read from memory), so rows are used as
 they are: no cache-versus-memory correction.

@@ -50,7 +50,7 @@ class HandoffFit:
 class Handoff:
     """What the jobs one layer hands the CPU runtime's copy worker (its K/V fetch and the commit of the
     new row) cost the compute thread, per policy, from transfers.csv's 'handoff.<policy>' rows
-    (`profiler.handoff`, the runtime's own jobs): an affine fit in the fetched bytes over every
+    (`profiler.bench.handoff`, the runtime's own jobs): an affine fit in the fetched bytes over every
     measured context (non-negative; the slope is the share of the copy the worker could not run
     beside the compute thread). A policy without rows takes the dearest measured one. The worker
     itself pays half the fixed part per job (its wake-up and Python)."""

@@ -14,6 +14,7 @@ Rows are keyed by their parameters, so an interrupted collection resumes without
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from infinigen_sim.spec.io import ResumableCsv, write_text_atomic
+from infinigen_sim.spec.io import ResumableCsv, read_yaml_mapping, write_text_atomic
 
 SCHEMA_VERSION = 2  # 2: one op vocabulary (spec.ops): `ffn` is the output projection + MLP, no `o_proj` rows
 
@@ -44,6 +45,7 @@ TABLES = {
     "fetch.csv": (FETCH_KEY, FETCH_COLUMNS),
 }
 REQUIRED_FILES = ("meta.yaml", "kernels.csv", "transfers.csv")
+COMPLETED = "completed_utc"  # meta.yaml: set when a collection finished; a bundle without it is not used
 
 
 class BundleError(ValueError):
@@ -94,36 +96,117 @@ def done_keys(path: Path, key: list[str]) -> set[tuple[str, ...]]:
     return {row_key(r, key) for r in ResumableCsv(path).complete_rows()}
 
 
+@dataclass(frozen=True)
+class Column:
+    """How one CSV column parses: its kind and the values it may hold."""
+
+    kind: str  # str | int | float | bool
+    minimum: float | None = None  # numbers: at least this
+    choices: tuple[str, ...] = ()  # str: one of these ('' = any non-empty text)
+    timing: bool = False  # a measured time: may be empty only where the row's status is not 'ok'
+    allow_inf: bool = False  # alpha: inf means "no threshold"
+
+    def describe(self) -> str:
+        if self.kind == "str":
+            return f"one of {', '.join(self.choices)}" if self.choices else "a non-empty text"
+        if self.kind == "bool":
+            return "True or False"
+        what = "a whole number" if self.kind == "int" else "a finite number" if not self.allow_inf else "a number"
+        return what + (f" >= {self.minimum:g}" if self.minimum is not None else "")
+
+
+TEXT, COUNT, SIZE, WHOLE = Column("str"), Column("int", 1), Column("int", 0), Column("int")
+TIME_US, SECONDS = Column("float", 0, timing=True), Column("float", 0)
+STATUS = Column("str", choices=("ok", "oom"))
+COLUMNS: dict[str, dict[str, Column]] = {
+    "kernels.csv": {"op": TEXT, "model": TEXT, "dtype": TEXT, "batch_size": COUNT, "n_tokens": COUNT, "kv_len": SIZE,
+                    "median_us": TIME_US, "p10_us": TIME_US, "p90_us": TIME_US, "repeats": SIZE, "status": STATUS},
+    "transfers.csv": {"direction": Column("str", choices=("h2d", "d2h", "d2d")),
+                      "memory": Column("str", choices=("pinned", "pageable", "device")), "layout": TEXT,
+                      "concurrent": Column("bool"), "nbytes": SIZE, "row_bytes": SIZE, "rows": SIZE,
+                      "median_us": TIME_US, "p10_us": TIME_US, "p90_us": TIME_US,
+                      "gbps": Column("float", 0, timing=True), "repeats": SIZE, "status": STATUS},
+    "steps.csv": {"run_id": TEXT, "model": TEXT, "policy": TEXT, "batch_size": COUNT, "prompt_len": COUNT,
+                  "gen_len": COUNT, "alpha": Column("float", 0, allow_inf=True), "overlap": Column("bool"),
+                  "phase": Column("str", choices=("prefill", "decode")), "step": WHOLE, "layer": WHOLE, "op": TEXT,
+                  "seconds": SECONDS, "context_len": SIZE, "fetched_tokens": SIZE},
+    "fetch.csv": {"model": TEXT, "source": TEXT, "alpha": Column("float", 0, allow_inf=True), "layer": SIZE,
+                  "context_len": COUNT, "fetched_tokens": Column("float", 0), "samples": COUNT},
+}
+_TIMING_OPTIONAL = {"gbps"}  # empty for copies that move no bytes of their own (handoff rows)
+
+
+def _cell_error(path: Path, line: int, column: str, spec: Column, value: str) -> BundleError:
+    shown = value if len(value) <= 40 else value[:37] + "..."
+    return BundleError(f"{path}: line {line}, column '{column}': expected {spec.describe()}, got '{shown}'")
+
+
+def _parse_column(path: Path, frame: pd.DataFrame, column: str, spec: Column, ok: pd.Series) -> pd.Series:
+    """The column converted to its kind; BundleError naming file, line and column at the first bad cell."""
+    text = frame[column].astype(str).str.strip()
+    empty = text == ""
+    if spec.kind == "str":
+        bad = empty | (~text.isin(spec.choices) if spec.choices else False)
+        values = text
+    elif spec.kind == "bool":
+        bad = ~text.isin(("True", "False", "true", "false"))
+        values = text.str.lower() == "true"
+    else:
+        values = pd.to_numeric(text, errors="coerce").astype(float)
+        finite = values.abs() < float("inf")
+        bad = values.isna() | ~(finite | (spec.allow_inf & (values == float("inf"))))
+        if spec.minimum is not None:
+            bad |= values < spec.minimum
+        if spec.kind == "int":
+            bad |= finite & (values != values.round())
+        if spec.timing:  # empty is how an out-of-memory point reads; a measured one needs its time
+            optional = ~ok | (column in _TIMING_OPTIONAL)
+            bad = (bad & ~empty) | (empty & ~optional)
+    if bad.any():
+        first = int(bad.to_numpy().argmax())
+        raise _cell_error(path, first + 2, column, spec, str(frame[column].iloc[first]))
+    if spec.kind == "int":
+        return values.astype("int64")
+    return values
+
+
 def _read_table(bundle_dir: Path, name: str, required: bool) -> pd.DataFrame:
+    """One bundle table, every column parsed with its declared type; a torn or damaged file is an error."""
     key, columns = TABLES[name]
     path = bundle_dir / name
     if not path.exists():
         if required:
             raise BundleError(f"{path}: missing (a bundle needs {', '.join(REQUIRED_FILES)})")
         return pd.DataFrame(columns=columns)
+    data = path.read_bytes()
+    if not data.strip():
+        raise BundleError(f"{path}: empty (no header)")
+    if not data.endswith(b"\n"):
+        lines = data.count(b"\n") + 1
+        raise BundleError(f"{path}: line {lines} is cut short (no newline at the end): written by a collection "
+                          "that was killed; finish it with profiler.collect --resume")
     try:
-        frame = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        frame = pd.read_csv(io.StringIO(data.decode("utf-8")), dtype=str, keep_default_na=False)
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{path}: not UTF-8 text (byte offset {exc.start})") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise BundleError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise BundleError(f"{path}: missing column '{missing[0]}' (expected {', '.join(columns)})")
-    if frame.duplicated(subset=key).any():
-        dup = frame[frame.duplicated(subset=key)].iloc[0]
+    ok = frame["status"].astype(str).str.strip() == "ok" if "status" in frame.columns else pd.Series(True, frame.index)
+    parsed = pd.DataFrame({c: _parse_column(path, frame, c, COLUMNS[name][c], ok) for c in columns}, index=frame.index)
+    if parsed.duplicated(subset=key).any():
+        dup = parsed[parsed.duplicated(subset=key)].iloc[0]
         raise BundleError(f"{path}: duplicate row for key {dict(dup[key])}")
-    return frame
+    return parsed
 
 
 def read_meta(bundle_dir: Path) -> dict[str, Any]:
     path = Path(bundle_dir) / "meta.yaml"
     if not path.exists():
         raise BundleError(f"{path}: missing (not a profile bundle?)")
-    try:
-        meta = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise BundleError(f"{path}: malformed YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(meta, dict):
-        raise BundleError(f"{path}: expected a mapping")
+    meta = read_yaml_mapping(path, BundleError)
     version = meta.get("schema_version")
     if version != SCHEMA_VERSION:
         raise BundleError(
@@ -139,6 +222,9 @@ def read_bundle(bundle_dir: str | Path) -> Bundle:
     if not bundle_dir.is_dir():
         raise BundleError(f"{bundle_dir}: no such bundle folder")
     meta = read_meta(bundle_dir)
+    if not meta.get(COMPLETED):
+        raise BundleError(f"{bundle_dir / 'meta.yaml'}: key '{COMPLETED}' missing: the collection did not finish "
+                          "(finish it with profiler.collect --resume, or collect a new bundle)")
     return Bundle(
         path=bundle_dir,
         meta=meta,

@@ -19,9 +19,11 @@ import dataclasses
 import math
 import re
 import sys
+import tempfile
 import types
 import typing
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 ERROR_CHARS = 300  # an error line is cut to this many characters
@@ -68,6 +70,25 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> typing.NoReturn:  # argparse prints the usage block too; we do not
         self.exit(EXIT_BAD_INPUT, one_line(f"{self.prog}: error: {message}") + "\n")
+
+
+def check_writable(flag: str, path: str | Path, folder: bool) -> None:
+    """InputError unless `path` (a folder to write into, or a file) could be written; creates nothing.
+
+    Probes the nearest folder that exists with a temporary folder made and removed at once: permission
+    bits alone do not tell (root, read-only mounts, /proc)."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise InputError(f"{flag} {path}: exists and is {'not ' if folder else ''}a folder")
+    probe = path if folder and path.exists() else path.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"{flag} {path}: {probe} is not a folder")
+    try:
+        Path(tempfile.mkdtemp(dir=probe, prefix=".write-probe-")).rmdir()
+    except OSError as exc:
+        raise InputError(f"{flag} {path}: cannot write in {probe} ({exc.strerror or exc})") from None
 
 
 # ---- values --------------------------------------------------------------------------------------
@@ -164,7 +185,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: Se
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
         elif is_tuple:
-            kwargs["type"] = comma_list(kind, f.metadata.get("minimum"), f.metadata.get("what", "value"))
+            kwargs["type"] = comma_list(kind, f.metadata.get("minimum"), f.metadata.get("what", "value"),
+                                        f.metadata.get("allow_inf", False))
             kwargs["metavar"] = f.metadata.get("metavar", "LIST")
         else:
             kwargs["type"] = {int: _int_arg(f), float: _float_arg(f)}.get(kind, str)

@@ -2,20 +2,24 @@
 
 Peak figures come from the YAML exactly as published; the achievable fractions are separate
 `*_efficiency` fields whose defaults are documented here (a measured profile replaces them).
-Every error is one line naming the file, the dotted key and what was expected.
+Files are read the one strict way (`spec.io.read_yaml`) and validated by `spec.schema`: every number
+finite, of the right sign and inside its plausible range (a key listed under `unchecked:` may leave
+the range), reserved memory below the total, names non-empty. Every error is one line naming the
+file, the dotted key and what was expected.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
+from infinigen_sim.spec.io import parse_yaml, read_yaml_mapping
+from infinigen_sim.spec.schema import UNCHECKED, build_section, check_value, shown, unchecked_keys
 
 HW_DIR = Path(__file__).resolve().parent.parent / "hw_configs"
+FRACTION = (0.001, 1.0)  # an efficiency: a share of a peak
 
 
 class HardwareError(ValueError):
@@ -27,17 +31,19 @@ class GpuSpec:
     """One GPU."""
 
     name: str = field(metadata={"help": "marketing name"})
-    memory_gib: float = field(metadata={"help": "device memory, GiB"})
-    fp16_tflops: float = field(metadata={"help": "dense FP16/BF16 tensor peak, TFLOP/s"})
-    hbm_gbps: float = field(metadata={"help": "device memory bandwidth peak, GB/s"})
+    memory_gib: float = field(metadata={"help": "device memory", "unit": "GiB", "range": (0.5, 4096)})
+    fp16_tflops: float = field(metadata={"help": "dense FP16/BF16 tensor peak", "unit": "TFLOP/s",
+                                         "range": (0.1, 100_000)})
+    hbm_gbps: float = field(metadata={"help": "device memory bandwidth peak", "unit": "GB/s", "range": (1, 100_000)})
     compute_efficiency: float = field(default=0.55, metadata={
-        "help": "achievable share of fp16_tflops; datasheet rooflines are 1.7-1.9x optimistic"})
+        "help": "achievable share of fp16_tflops; datasheet rooflines are 1.7-1.9x optimistic", "range": FRACTION})
     hbm_efficiency: float = field(default=0.8, metadata={
-        "help": "achievable share of hbm_gbps for streaming kernels"})
+        "help": "achievable share of hbm_gbps for streaming kernels", "range": FRACTION})
     launch_us: float = field(default=5.0, metadata={
-        "help": "fixed cost per kernel (launch + tail), microseconds"})
+        "help": "fixed cost per kernel (launch + tail)", "unit": "us", "range": (0, 10_000)})
     reserved_gib: float = field(default=1.0, metadata={
-        "help": "device memory not available to tensors (context, allocator slack), GiB"})
+        "help": "device memory not available to tensors (context, allocator slack); below memory_gib",
+        "unit": "GiB", "range": (0, 4096)})
 
 
 @dataclass(frozen=True)
@@ -45,13 +51,15 @@ class LinkSpec:
     """The host<->GPU link."""
 
     name: str = field(metadata={"help": "e.g. PCIe 4.0 x16"})
-    h2d_gbps: float = field(metadata={"help": "host-to-device peak per direction, GB/s"})
-    d2h_gbps: float = field(metadata={"help": "device-to-host peak per direction, GB/s"})
-    latency_us: float = field(metadata={"help": "fixed cost per transfer, microseconds"})
+    h2d_gbps: float = field(metadata={"help": "host-to-device peak per direction", "unit": "GB/s",
+                                      "range": (0.1, 10_000)})
+    d2h_gbps: float = field(metadata={"help": "device-to-host peak per direction", "unit": "GB/s",
+                                      "range": (0.1, 10_000)})
+    latency_us: float = field(metadata={"help": "fixed cost per transfer", "unit": "us", "range": (0, 100_000)})
     h2d_efficiency: float = field(default=0.8, metadata={
-        "help": "achievable share of h2d_gbps for large pinned copies"})
+        "help": "achievable share of h2d_gbps for large pinned copies", "range": FRACTION})
     d2h_efficiency: float = field(default=0.8, metadata={
-        "help": "achievable share of d2h_gbps for large pinned copies"})
+        "help": "achievable share of d2h_gbps for large pinned copies", "range": FRACTION})
 
 
 @dataclass(frozen=True)
@@ -59,13 +67,14 @@ class HostSpec:
     """The host CPU and its memory."""
 
     name: str = field(metadata={"help": "CPU model"})
-    memory_gib: float = field(metadata={"help": "host DRAM, GiB"})
-    memory_gbps: float = field(metadata={"help": "DRAM bandwidth peak, GB/s"})
-    cores: int = field(metadata={"help": "physical cores"})
+    memory_gib: float = field(metadata={"help": "host DRAM", "unit": "GiB", "range": (1, 65_536)})
+    memory_gbps: float = field(metadata={"help": "DRAM bandwidth peak", "unit": "GB/s", "range": (1, 100_000)})
+    cores: int = field(metadata={"help": "physical cores", "range": (1, 16_384)})
     gather_efficiency: float = field(default=0.25, metadata={
-        "help": "achievable share of memory_gbps for a row gather into a staging buffer"})
+        "help": "achievable share of memory_gbps for a row gather into a staging buffer", "range": FRACTION})
     reserved_gib: float = field(default=8.0, metadata={
-        "help": "host memory not available to KV/weights (OS, framework), GiB"})
+        "help": "host memory not available to KV/weights (OS, framework); below memory_gib", "unit": "GiB",
+        "range": (0, 65_536)})
 
 
 @dataclass(frozen=True)
@@ -86,7 +95,8 @@ class HardwareConfig:
 
 
 _SECTIONS = {"gpu": GpuSpec, "link": LinkSpec, "host": HostSpec}
-_TOP_KEYS = {"name", "base", "cost_per_hour_usd", *_SECTIONS}
+_TOP_KEYS = {"name", "base", "cost_per_hour_usd", UNCHECKED, *_SECTIONS}
+_TOP_FIELDS = {f.name: f for f in fields(HardwareConfig)}
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -100,19 +110,7 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 
 def _read_yaml(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise HardwareError(f"{path}: cannot read ({exc.strerror})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise HardwareError(f"{path}: malformed YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    if not isinstance(raw, dict):
-        raise HardwareError(f"{path}: expected a mapping with keys {sorted(_TOP_KEYS)}")
-    return raw
+    return read_yaml_mapping(path, HardwareError, f"a mapping with keys {', '.join(sorted(_TOP_KEYS))}")
 
 
 def resolve_path(name_or_path: str | Path) -> Path:
@@ -145,43 +143,6 @@ def load_raw(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
     return _deep_merge(load_raw(base_path, (*_seen, path)), raw)
 
 
-def _coerce(where: str, key: str, value: Any, kind: type) -> Any:
-    if kind is str:
-        if not isinstance(value, str):
-            raise HardwareError(f"{where}: key '{key}': expected a string, got {value!r}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise HardwareError(f"{where}: key '{key}': expected a positive number, got {value!r}")
-    if kind is int and int(value) != value:
-        raise HardwareError(f"{where}: key '{key}': expected a whole number, got {value!r}")
-    positive_or_zero = key.endswith(("latency_us", "launch_us", "reserved_gib"))
-    if value < 0 or (value == 0 and not positive_or_zero):
-        raise HardwareError(f"{where}: key '{key}': expected a positive number, got {value!r}")
-    if key.endswith("_efficiency") and value > 1:
-        raise HardwareError(f"{where}: key '{key}': expected a fraction in (0, 1], got {value!r}")
-    return kind(value)
-
-
-def _build_section(where: str, section: str, raw: Any) -> Any:
-    cls = _SECTIONS[section]
-    if not isinstance(raw, dict):
-        raise HardwareError(f"{where}: key '{section}': expected a mapping, got {raw!r}")
-    known = {f.name: f for f in fields(cls)}
-    for key in raw:
-        if key not in known:
-            raise HardwareError(f"{where}: unknown key '{section}.{key}' (expected one of {', '.join(known)})")
-    kwargs = {}
-    for name, f in known.items():
-        key = f"{section}.{name}"
-        if name not in raw:
-            if f.default is f.default_factory:  # no default: required (both are MISSING)
-                raise HardwareError(f"{where}: missing key '{key}' ({f.metadata.get('help', '')})")
-            continue
-        kind = {"str": str, "int": int, "float": float}[f.type] if isinstance(f.type, str) else f.type
-        kwargs[name] = _coerce(where, key, raw[name], kind)
-    return cls(**kwargs)
-
-
 def from_raw(raw: dict, where: str, default_name: str) -> HardwareConfig:
     """Validate a merged mapping into a HardwareConfig."""
     for key in raw:
@@ -190,25 +151,33 @@ def from_raw(raw: dict, where: str, default_name: str) -> HardwareConfig:
     for section in _SECTIONS:
         if section not in raw:
             raise HardwareError(f"{where}: missing key '{section}'")
+    unchecked = unchecked_keys(where, raw, HardwareError)
+    for key in unchecked:
+        section, _, name = key.partition(".")
+        if section not in _SECTIONS or name not in {f.name for f in fields(_SECTIONS[section])}:
+            raise HardwareError(f"{where}: key '{UNCHECKED}': unknown key '{key}' (expected section.field, "
+                                "e.g. link.h2d_gbps)")
     cost = raw.get("cost_per_hour_usd")
     if cost is not None:
-        cost = _coerce(where, "cost_per_hour_usd", cost, float)
-    name = raw.get("name", default_name)
-    return HardwareConfig(
-        name=_coerce(where, "name", name, str),
-        gpu=_build_section(where, "gpu", raw["gpu"]),
-        link=_build_section(where, "link", raw["link"]),
-        host=_build_section(where, "host", raw["host"]),
-        cost_per_hour_usd=cost,
-        source_file=where,
-    )
+        cost = check_value(where, "cost_per_hour_usd", cost, _COST, float, False, HardwareError)
+    name = check_value(where, "name", raw.get("name", default_name), _TOP_FIELDS["name"], str, False, HardwareError)
+    sections = {s: build_section(where, s, raw[s], cls, unchecked, HardwareError) for s, cls in _SECTIONS.items()}
+    for section in ("gpu", "host"):
+        spec = sections[section]
+        if spec.reserved_gib >= spec.memory_gib:
+            raise HardwareError(f"{where}: key '{section}.reserved_gib': expected less than {section}.memory_gib "
+                                f"({spec.memory_gib:g} GiB), got {spec.reserved_gib:g} GiB")
+    return HardwareConfig(name=name, **sections, cost_per_hour_usd=cost, source_file=where)
+
+
+_COST = field(metadata={"help": "on-demand price of one GPU", "unit": "USD/hour", "range": (0, 10_000)})
 
 
 def parse_value(text: str) -> Any:
-    """A `--set` value: YAML scalar syntax (numbers, strings, booleans)."""
+    """A `--set` value: YAML scalar syntax (numbers, strings, booleans); text that is no YAML stays text."""
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        return parse_yaml(text, "--set")
+    except ValueError:
         return text
 
 
@@ -216,8 +185,8 @@ def set_dotted(raw: dict, dotted: str, value: Any, where: str) -> dict:
     """A copy of `raw` with `gpu.hbm_gbps`-style key set; unknown keys are errors."""
     parts = dotted.split(".")
     if parts[0] not in _TOP_KEYS - {"base"}:
-        raise HardwareError(f"{where}: --set unknown key '{dotted}' (expected one of gpu.*, link.*, host.*, "
-                            "name, cost_per_hour_usd)")
+        raise HardwareError(f"{where}: --set unknown key '{shown(dotted)}' (expected one of gpu.*, link.*, host.*, "
+                            "name, cost_per_hour_usd, unchecked)")
     if len(parts) == 2 and parts[0] in _SECTIONS:
         known = {f.name for f in fields(_SECTIONS[parts[0]])}
         if parts[1] not in known:

@@ -1,10 +1,13 @@
-"""Small file helpers both worlds share: whole-file atomic writes and one resumable CSV.
+"""Small file helpers both worlds share: whole-file atomic writes, one resumable CSV, strict YAML reading.
 
 `write_text_atomic` writes a temporary file beside the target and renames it over, so a reader (or a
 kill) never sees half a file. `ResumableCsv` is an append-only CSV that survives a kill: each append
 is whole lines, flushed and fsynced before it returns, so a kill can only tear the last line, which
 `complete_rows` cuts off in place before reading. The profile bundle's tables and a sweep's partial
-results are both written through it.
+results are both written through it. `read_yaml` reads a config file (hardware, runtime, bundle meta)
+the one strict way: bytes decoded as UTF-8 explicitly, at most MAX_YAML_BYTES, no duplicate keys, no
+aliases (so no alias bombs), nesting at most MAX_YAML_DEPTH deep; every failure is one `ValueError`
+line naming the file and the line.
 """
 
 from __future__ import annotations
@@ -15,6 +18,11 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import yaml
+
+MAX_YAML_BYTES = 1 << 20  # a config file; anything larger is not one
+MAX_YAML_DEPTH = 12  # mappings and lists nested this deep at most (the hardware schema needs 2)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -75,3 +83,75 @@ class ResumableCsv:
             writer.writerows(rows)
             handle.flush()
             os.fsync(handle.fileno())  # the rows are on disk before the caller counts them as done
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without duplicate keys, aliases or deep nesting (each one a MarkedYAMLError)."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.MarkedYAMLError(problem="aliases (*name) are not supported",
+                                       problem_mark=self.peek_event().start_mark)
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                raise yaml.MarkedYAMLError(problem=f"nested more than {MAX_YAML_DEPTH} levels deep",
+                                           problem_mark=self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001 - PyYAML's signature
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:
+                raise yaml.MarkedYAMLError(problem="a mapping key must be a plain value",
+                                           problem_mark=key_node.start_mark) from None
+            if duplicate:
+                raise yaml.MarkedYAMLError(problem=f"duplicate key '{key}'", problem_mark=key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """`text` as strict YAML (see the module docstring); ValueError 'where: ...' on one line otherwise."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ValueError(f"{where}: malformed YAML{line}: {' '.join(str(problem).split())}") from None
+
+
+def read_yaml(path: Path) -> Any:
+    """The strict YAML document of file `path`; ValueError naming the file (and line) otherwise."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if len(data) > MAX_YAML_BYTES:
+        raise ValueError(f"{path}: {len(data)} bytes, larger than a config file can be ({MAX_YAML_BYTES} bytes)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+    return parse_yaml(text, str(path))
+
+
+def read_yaml_mapping(path: Path, error: type[ValueError], expected: str = "a mapping") -> dict:
+    """`read_yaml` of a file whose document must be a mapping; `error` (one line) otherwise."""
+    try:
+        raw = read_yaml(path)
+    except ValueError as exc:
+        raise error(str(exc)) from None
+    if not isinstance(raw, dict):
+        shown = repr(raw) if len(repr(raw)) <= 60 else repr(raw)[:57] + "..."
+        raise error(f"{path}: expected {expected}, got {shown}")
+    return raw

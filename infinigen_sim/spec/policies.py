@@ -53,7 +53,8 @@ class PolicyConfig:
 
     name: PolicyName
     overlap: bool = field(default=True, metadata={"help": "prefetch layer i+1's KV during layer i"})
-    alpha: float = field(default=4.0, metadata={"help": "InfiniGen: fetch tokens scoring above max - alpha"})
+    alpha: float = field(default=4.0, metadata={"help": "InfiniGen: fetch tokens scoring above max - alpha "
+                                                        "(inf: every token)", "minimum": 0.0, "allow_inf": True})
     partial_ratio: float = field(default=0.3, metadata={"help": "InfiniGen: share of W_Q/K columns kept"})
     max_fetch_ratio: float = field(default=0.2, metadata={"help": "InfiniGen: per-layer cap, share of tokens"})
     full_fetch_layers: int = field(default=2, metadata={"help": "InfiniGen: first layers fetch all KV"})

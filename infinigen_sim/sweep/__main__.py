@@ -26,6 +26,7 @@ from infinigen_sim.spec.cli import (
     InputError,
     Parser,
     add_dataclass_arguments,
+    check_writable,
     dataclass_from_args,
     report_error,
 )
@@ -113,6 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         grid, settings, points = parse_sweep(args)
         config = results.resolved_config(args.hw_configs, grid, settings, points, options.mode)
         done = check_resume(out_dir, points, config, options.resume)
+        check_writable("--out", out_dir, folder=True)
+        if options.trace:
+            check_writable("--trace", options.trace, folder=False)
     except (InputError, HardwareError, PolicyError) as exc:
         return report_error(PROG, exc)
     except UnknownModelError as exc:

@@ -71,6 +71,23 @@ def chunked(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[start:start + size] for start in range(0, len(items), size)]
 
 
+def in_flight(chunks: Iterable[Chunk], limit: int, submit: Callable[[Chunk], Any],
+              wait_any: Callable[[Iterable[Any]], Iterable[Any]], result: Callable[[Any], list[Any]],
+              running: dict[Any, int]) -> Iterator[ChunkResult]:
+    """(chunk index, results) as chunks finish, with at most `limit` submitted and unfinished; `running`
+    (handle -> index) is the caller's, so it can cancel what is still in flight when it stops early."""
+    todo = enumerate(chunks)
+    while True:
+        for index, chunk in todo:
+            running[submit(chunk)] = index
+            if len(running) >= limit:
+                break
+        if not running:
+            return
+        for handle in wait_any(running):
+            yield running.pop(handle), result(handle)
+
+
 class _Closing:
     def __enter__(self):
         return self
@@ -106,18 +123,8 @@ class PoolExecutor(_Closing):
         self._pool = ProcessPoolExecutor(max_workers=jobs, initializer=_ignore_sigint)
 
     def map_chunks(self, fn: Callable[[Any], Any], chunks: Iterable[Chunk]) -> Iterator[ChunkResult]:
-        todo = enumerate(chunks)
-        running: dict[Future, int] = {}
-        while True:
-            for index, chunk in todo:
-                running[self._pool.submit(apply_chunk, fn, chunk)] = index
-                if len(running) >= 2 * self.workers:
-                    break
-            if not running:
-                return
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                yield running.pop(future), future.result()
+        yield from in_flight(chunks, 2 * self.workers, lambda chunk: self._pool.submit(apply_chunk, fn, chunk),
+                             lambda running: wait(running, return_when=FIRST_COMPLETED)[0], Future.result, {})
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -182,20 +189,10 @@ class RayExecutor(_Closing):
 
     def map_chunks(self, fn: Callable[[Any], Any], chunks: Iterable[Chunk]) -> Iterator[ChunkResult]:
         ray, driver_code = self._ray, code_fingerprint()
-        todo = enumerate(chunks)
         running: dict[Any, int] = {}
         try:
-            while True:
-                for index, chunk in todo:
-                    running[self._task.remote(fn, chunk, driver_code)] = index
-                    if len(running) >= 2 * self.workers:
-                        break
-                if not running:
-                    return
-                finished, _ = ray.wait(list(running), num_returns=1)
-                for ref in finished:
-                    index = running.pop(ref)
-                    yield index, self._get(ref)
+            yield from in_flight(chunks, 2 * self.workers, lambda chunk: self._task.remote(fn, chunk, driver_code),
+                                 lambda refs: ray.wait(list(refs), num_returns=1)[0], self._get, running)
         finally:
             if running and ray.is_initialized():  # stopped early (Ctrl-C, an error): free the cluster
                 for ref in running:

@@ -1,0 +1,164 @@
+"""Bad input never ends in a traceback, and a damaged bundle never changes a number silently.
+
+Every case a new user met (issue 15's list): one line on stderr naming the file (or flag) and the key,
+exit status 2, and the output folder unchanged. The property-based mutations of the same inputs are in
+tests/test_fuzz.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from bundle_helpers import kernel_rows, transfer_rows, write_bundle
+
+from infinigen_sim.spec.bundle import BundleError, read_bundle
+from infinigen_sim.spec.hardware import HW_DIR, HardwareError, load_hardware
+
+ROOT = Path(__file__).resolve().parent.parent
+A100 = (HW_DIR / "a100_pcie4.yaml").read_text()
+
+
+def cli(module: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=120)
+
+
+def one_line_exit_2(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert len(result.stderr) <= 320, len(result.stderr)
+    for needle in needles:
+        assert needle in result.stderr, (needle, result.stderr)
+
+
+# ---- hardware YAML -------------------------------------------------------------------------------
+@pytest.mark.parametrize(("content", "needles"), [
+    (b"\x00\xff\xfe garbage \x89PNG", ("not UTF-8",)),
+    (("# r\xe9sum\xe9 of the card\n" + A100).encode("latin-1"), ("not UTF-8", "offset 3")),
+    (("gpu: " + "[" * 3000 + "]" * 3000 + "\n").encode(), ("nested more than",)),
+    ((b"a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+      b"c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n"), ("aliases",)),
+    ((A100 + "\nname: again\n").encode(), ("duplicate key 'name'",)),
+    (A100.replace("h2d_gbps: 31.5", "h2d_gbps: 1e-300").encode(), ("link.h2d_gbps", "plausible range 0.1-10000 GB/s")),
+    (A100.replace("h2d_gbps: 31.5", "h2d_gbps: 1e300").encode(), ("link.h2d_gbps", "plausible range")),
+    (A100.replace("memory_gib: 80", "memory_gib: 1e300").encode(), ("gpu.memory_gib", "plausible range")),
+    (A100.replace("memory_gib: 80", "memory_gib: 80\n  reserved_gib: 100").encode(),
+     ("gpu.reserved_gib", "expected less than gpu.memory_gib (80 GiB)")),
+    (A100.replace("name: a100_pcie4", 'name: ""').encode(), ("key 'name'", "non-empty")),
+    (A100.replace("name: PCIe 4.0 x16", "name: 3").encode(), ("key 'link.name'",)),
+])
+def test_bad_hardware_yaml_is_one_line(tmp_path, content, needles):
+    path = tmp_path / "card.yaml"
+    path.write_bytes(content)
+    with pytest.raises(HardwareError) as exc:
+        load_hardware(path)
+    message = str(exc.value)
+    assert "\n" not in message and len(message) <= 300 + len(str(path)) and str(path) in message, message
+    for needle in needles:
+        assert needle in message, (needle, message)
+    one_line_exit_2(cli("infinigen_sim.sweep", str(path), "--models", "opt-13b", "--out", str(tmp_path / "out")),
+                    str(path))
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_implausible_figure_is_used_when_the_file_says_so(tmp_path):
+    path = tmp_path / "fast.yaml"
+    path.write_text(A100.replace("h2d_gbps: 31.5", "h2d_gbps: 20000") + "unchecked: [link.h2d_gbps]\n")
+    assert load_hardware(path).link.h2d_gbps == 20000
+    path.write_text(A100 + "unchecked: [link.speed]\n")
+    with pytest.raises(HardwareError, match="key 'unchecked': unknown key 'link.speed'"):
+        load_hardware(path)
+
+
+# ---- sweep flags ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(("args", "needles"), [
+    (["--batch-sizes", "\u00b2"], ("--batch-sizes", "whole numbers >= 1")),
+    (["--prompt-lens", "1e3"], ("--prompt-lens",)),
+    (["--gen-lens", "-4"], ("--gen-lens",)),
+    (["--out", "/proc/x"], ("--out /proc/x", "cannot write")),
+    (["--trace", "/proc/x/t.json"], ("--trace",)),
+])
+def test_bad_sweep_flags_are_one_line(tmp_path, args, needles):
+    one_line_exit_2(cli("infinigen_sim.sweep", "a100_pcie4", "--models", "opt-13b", *args), *needles)
+
+
+@pytest.mark.parametrize("flag,value", [("--batch-sizes", "8,8"), ("--models", "opt-13b,opt-13b"),
+                                        ("--policies", "flexgen,flexgen,infinigen")])
+def test_repeated_grid_values_are_dropped_with_a_note(tmp_path, flag, value):
+    result = cli("infinigen_sim.sweep", "a100_pcie4", "--models", "opt-13b", "--batch-sizes", "8",
+                 "--prompt-lens", "512", flag, value, "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    frame = pd.read_csv(tmp_path / "results.csv")
+    assert not frame["key"].duplicated().any()
+    assert flag != "--policies" or "note" in result.stderr or len(frame) == 2
+
+
+# ---- damaged bundles -----------------------------------------------------------------------------
+@pytest.fixture
+def bundle(tmp_path) -> Path:
+    return write_bundle(tmp_path / "bundle", kernel_rows(lambda *key: 1e-3), transfer_rows(3e-3))
+
+
+def damage(path: Path, table: str, how) -> None:
+    frame = pd.read_csv(path / table, dtype=str, keep_default_na=False)
+    how(frame).to_csv(path / table, index=False)
+
+
+def set_cell(column: str, value: str, row: int = 3):
+    def how(frame: pd.DataFrame) -> pd.DataFrame:
+        frame.loc[row, column] = value
+        return frame
+    return how
+
+
+@pytest.mark.parametrize(("table", "column", "value", "needles"), [
+    ("kernels.csv", "median_us", "fast", ("kernels.csv: line 5, column 'median_us'", "got 'fast'")),
+    ("kernels.csv", "median_us", "-3", ("column 'median_us'", ">= 0")),
+    ("kernels.csv", "median_us", "", ("column 'median_us'",)),
+    ("kernels.csv", "median_us", "inf", ("column 'median_us'",)),
+    ("kernels.csv", "batch_size", "two", ("column 'batch_size'", "whole number")),
+    ("kernels.csv", "batch_size", "2.5", ("column 'batch_size'",)),
+    ("kernels.csv", "status", "fine", ("column 'status'", "one of ok, oom")),
+    ("transfers.csv", "nbytes", "lots", ("transfers.csv: line 5, column 'nbytes'",)),
+    ("transfers.csv", "concurrent", "maybe", ("column 'concurrent'", "True or False")),
+])
+def test_a_bad_cell_names_file_line_and_column(bundle, table, column, value, needles):
+    damage(bundle, table, set_cell(column, value))
+    with pytest.raises(BundleError) as exc:
+        read_bundle(bundle)
+    for needle in needles:
+        assert needle in str(exc.value), (needle, str(exc.value))
+    one_line_exit_2(cli("infinigen_sim.sweep", "a100_pcie4", "--models", "opt-13b", "--profile", str(bundle),
+                        "--out", str(bundle.parent / "out")), "--profile", table)
+    assert not (bundle.parent / "out").exists()
+
+
+def test_a_torn_last_line_is_an_error(bundle):
+    data = (bundle / "kernels.csv").read_bytes()
+    (bundle / "kernels.csv").write_bytes(data[: data.rfind(b",")])  # cut mid-line, as a kill does
+    with pytest.raises(BundleError, match="kernels.csv: line .* is cut short"):
+        read_bundle(bundle)
+
+
+def test_an_unfinished_collection_is_not_used(bundle):
+    meta = yaml.safe_load((bundle / "meta.yaml").read_text())
+    del meta["completed_utc"]
+    (bundle / "meta.yaml").write_text(yaml.safe_dump(meta))
+    with pytest.raises(BundleError, match="did not finish"):
+        read_bundle(bundle)
+
+
+def test_a_bad_steps_cell_stops_validate_and_writes_nothing(tmp_path, bundle):
+    steps = [{"run_id": "r", "model": "tiny-opt", "policy": "flexgen", "batch_size": 1, "prompt_len": 8,
+              "gen_len": "three" if i == 1 else 3, "alpha": 4.0, "overlap": True, "phase": "decode", "step": i,
+              "layer": -1, "op": "wall", "seconds": 0.01, "context_len": 8, "fetched_tokens": 0} for i in range(2)]
+    write_bundle(bundle, kernel_rows(lambda *key: 1e-3), transfer_rows(3e-3), steps=steps)
+    before = sorted(p.name for p in bundle.iterdir())
+    one_line_exit_2(cli("infinigen_sim.validate", str(bundle)), "steps.csv: line 3, column 'gen_len'")
+    assert sorted(p.name for p in bundle.iterdir()) == before
+    assert not bundle.with_name("bundle-validation").exists()
