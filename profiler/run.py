@@ -1,171 +1,161 @@
-"""Run one generation of the runtime: `python -m profiler.run --model M --policy P [...]`.
+"""`python -m profiler.run`: one generation of the runtime under one KV policy.
 
-Seeded random prompt token ids through the engine (zoo models with installed weights, e.g.
-smollm2-135m, run those weights unless --random-weights); prints prefill_s, decode_s, tokens_per_s
-(batch * decode steps / decode_s, FlexGen's decode throughput) and the mean fetched fraction
-(layers >= full_fetch_layers, every step: rows fetched / context rows). With --check, the full-KV
-(`ideal`) engine is teacher-forced on the same token sequence and the logits compared. Errors are
-one line on stderr with exit status 2.
+Thin entry: parse (`RunConfig` and the policy's own `PolicyConfig` fields), load the weights, seed the
+prompt, run, print. Seeded random prompt token ids go through the engine (zoo models with installed
+weights, e.g. smollm2-135m, run those weights unless --random-weights); it prints prefill_s, decode_s,
+tokens_per_s (batch * decode steps / decode_s, FlexGen's decode throughput) and the mean fetched
+fraction (layers >= full_fetch_layers, every step: rows fetched / context rows). With --check, the
+full-KV (`ideal`) engine on the same weights is teacher-forced on the same token sequence and the
+logits compared. Errors are one line on stderr with exit status 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
-from dataclasses import fields
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from infinigen_sim.models import ModelSpec, UnknownModelError, get_model
-from infinigen_sim.policies import ALL_POLICIES, PolicyConfig, PolicyError, make_policy
-from profiler.runtime.checkpoint import PRETRAINED, CheckpointError, load_checkpoint, load_pretrained
+from infinigen_sim.spec.cli import (
+    InputError,
+    Parser,
+    add_dataclass_arguments,
+    check_writable,
+    dataclass_from_args,
+    report_error,
+)
+from infinigen_sim.spec.models import ModelSpec, UnknownModelError, get_model
+from infinigen_sim.spec.policies import ALL_POLICIES, PolicyConfig, PolicyError, make_policy
 from profiler.runtime.engine import Engine, GenerationResult, default_device
 from profiler.runtime.model import Transformer
+from profiler.weights.checkpoint import CheckpointError, load_checkpoint
+from profiler.weights.pretrained import PRETRAINED, load_pretrained
 
+PROG = "python -m profiler.run"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_POLICY_HELP = {f.name: f.metadata.get("help", "") for f in fields(PolicyConfig)}
-POLICY_FLAGS = ("alpha", "partial_ratio", "max_fetch_ratio", "full_fetch_layers", "pool_ratio")
 
 
-class UsageError(ValueError):
-    """A bad command line."""
+@dataclass(frozen=True)
+class RunConfig:
+    """What one run generates, where, and what it reports (the flags besides the policy's)."""
+
+    model: str = field(default="tiny-opt", metadata={"help": "model zoo name (ignored with --checkpoint)"})
+    policy: str = field(default="infinigen", metadata={"help": f"KV policy: {', '.join(ALL_POLICIES)}"})
+    batch_size: int = field(default=2, metadata={"help": "sequences decoded together", "unit": "sequences",
+                                                 "minimum": 1})
+    prompt_len: int = field(default=256, metadata={"help": "prompt length", "unit": "tokens", "minimum": 1})
+    gen_len: int = field(default=16, metadata={"help": "tokens generated (gen_len - 1 decode steps)",
+                                               "unit": "tokens", "minimum": 1})
+    device: str | None = field(default=None, metadata={"help": "where to run (default: cuda when available)",
+                                                       "choices": ("cuda", "cpu")})
+    dtype: str | None = field(default=None, metadata={"help": "weights and KV (default: float16 on cuda, float32 "
+                                                              "on cpu)", "choices": tuple(DTYPES)})
+    checkpoint: str | None = field(default=None, metadata={
+        "help": "local HF OPT/Llama checkpoint folder (default: the zoo model's seeded or installed weights)",
+        "metavar": "DIR"})
+    seed: int = field(default=0, metadata={"help": "seed of the weights (without --checkpoint) and the prompt"})
+    random_weights: bool = field(default=False, metadata={
+        "help": f"seeded random weights even for models with installed ones ({', '.join(PRETRAINED)})"})
+    threads: int | None = field(default=None, metadata={"help": "torch intra-op threads (default: torch's)",
+                                                        "minimum": 1})
+    warmup: int = field(default=1, metadata={"help": "untimed generations before the measured one",
+                                             "unit": "generations", "minimum": 0})
+    check: bool = field(default=False, metadata={"help": "compare with the ideal policy, teacher-forced"})
+    json: bool = field(default=False, metadata={"help": "one JSON object on stdout"})
+    trace: str | None = field(default=None, metadata={"help": "write a torch.profiler Chrome trace (default: none)",
+                                                      "metavar": "FILE.json"})
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage block
-        raise UsageError(message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m profiler.run", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny-opt", help="model zoo name (ignored with --checkpoint)")
-    p.add_argument("--policy", default="infinigen", help=f"one of {', '.join(ALL_POLICIES)}")
-    for name in POLICY_FLAGS:  # defaults stay in PolicyConfig: unset flags are not passed on
-        kind = int if name == "full_fetch_layers" else float
-        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=_POLICY_HELP[name])
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--prompt-len", type=int, default=256)
-    p.add_argument("--gen-len", type=int, default=16)
-    p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: float16 on cuda, float32 on cpu")
-    p.add_argument("--checkpoint", type=Path, default=None, help="local HF OPT/Llama checkpoint directory")
-    p.add_argument("--seed", type=int, default=0, help="weights (without --checkpoint) and prompt")
-    p.add_argument("--random-weights", action="store_true",
-                   help=f"seeded random weights even for models with installed ones ({', '.join(PRETRAINED)})")
-    p.add_argument("--no-overlap", action="store_true", help="fetch a layer's KV only when it starts")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed generations before the measured one")
-    p.add_argument("--check", action="store_true", help="compare with the ideal policy, teacher-forced")
-    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    p.add_argument("--trace", type=Path, default=None, help="write a torch.profiler Chrome trace")
-    return p
-
-
-def policy_from_args(args: argparse.Namespace) -> PolicyConfig:
-    overrides = {name: getattr(args, name) for name in POLICY_FLAGS if getattr(args, name) is not None}
-    if args.no_overlap:
-        overrides["overlap"] = False
-    return make_policy(args.policy, **overrides)
-
-
-def check_sizes(args: argparse.Namespace) -> None:
-    for flag in ("batch_size", "prompt_len", "gen_len"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.warmup < 0:
-        raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+def build_parser() -> Parser:
+    parser = Parser(PROG, "Run one generation of the runtime under one KV policy on seeded random prompts; print "
+                          "its times, throughput and fetched fraction.",
+                    epilog="Units: lengths in tokens, times in seconds, tokens_per_s in tokens/s. Exit status: 0 "
+                           "done, 2 bad input.")
+    add_dataclass_arguments(parser.add_argument_group("run"), RunConfig)
+    policy = parser.add_argument_group("policy (defaults: the paper's; shares are of the context or prompt)")
+    add_dataclass_arguments(policy, PolicyConfig, skip=("name",))
+    return parser
 
 
 def resolve_device(name: str | None) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device available")
+        raise InputError("--device cuda: no CUDA device available")
     return torch.device(name) if name else default_device()
 
 
-def load_weights(args: argparse.Namespace) -> tuple[ModelSpec, Transformer] | None:
+def load_weights(config: RunConfig) -> tuple[ModelSpec, Transformer] | None:
     """(spec, model) from --checkpoint or an installed pretrained model; None for seeded random weights."""
-    if args.checkpoint is not None:
-        return load_checkpoint(args.checkpoint)
-    if args.model in PRETRAINED and not args.random_weights:
-        return load_pretrained(args.model)
+    if config.checkpoint is not None:
+        return load_checkpoint(config.checkpoint)
+    if config.model in PRETRAINED and not config.random_weights:
+        return load_pretrained(config.model)
     return None
 
 
-def build_engine(args: argparse.Namespace, policy: PolicyConfig, device: torch.device) -> Engine:
-    dtype = DTYPES[args.dtype] if args.dtype else None
-    loaded = load_weights(args)
+def build_engine(config: RunConfig, policy: PolicyConfig, device: torch.device) -> Engine:
+    dtype = DTYPES[config.dtype] if config.dtype else None
+    loaded = load_weights(config)
     if loaded is not None:
         spec, model = loaded
-        return Engine(spec, policy, device, dtype, args.seed, model=model)
-    return Engine(get_model(args.model), policy, device, dtype, args.seed)
+        return Engine(spec, policy, device, dtype, config.seed, model=model)
+    return Engine(get_model(config.model), policy, device, dtype, config.seed)
 
 
-def fetched_fraction(result: GenerationResult, first_layer: int) -> float:
-    ratios = [s.fetched[i] / s.context_len for s in result.steps for i in range(first_layer, len(s.fetched))]
-    return sum(ratios) / len(ratios) if ratios else 0.0
-
-
-def generate(engine: Engine, prompt: torch.Tensor, args: argparse.Namespace) -> GenerationResult:
-    for _ in range(args.warmup):
-        engine.generate(prompt, args.gen_len)
-    if args.trace is None:
-        return engine.generate(prompt, args.gen_len, keep_logits=args.check)
+def generate(engine: Engine, prompt: torch.Tensor, config: RunConfig) -> GenerationResult:
+    """The warm-up generations, then the measured one (under torch.profiler with --trace)."""
+    for _ in range(config.warmup):
+        engine.generate(prompt, config.gen_len)
+    if config.trace is None:
+        return engine.generate(prompt, config.gen_len, keep_logits=config.check)
     engine.timer.trace = True
     activities = [torch.profiler.ProfilerActivity.CPU]
     if engine.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
-        result = engine.generate(prompt, args.gen_len, keep_logits=args.check)
-    prof.export_chrome_trace(str(args.trace))
+        result = engine.generate(prompt, config.gen_len, keep_logits=config.check)
+    prof.export_chrome_trace(str(Path(config.trace)))
     return result
 
 
-def compare(result: GenerationResult, args: argparse.Namespace, prompt: torch.Tensor, engine: Engine) -> dict:
-    """The ideal policy on the same weights, teacher-forced on the tokens `result` produced."""
-    ideal = make_policy("ideal")
-    loaded = load_weights(args)  # fresh weights: OPT's InfiniGen folds its skew into the engine's copy
-    if loaded is not None:
-        spec, model = loaded
-        reference = Engine(spec, ideal, engine.device, engine.dtype, args.seed, model=model)
-    else:
-        reference = Engine(engine.spec, ideal, engine.device, engine.dtype, args.seed)
-    with reference:
-        ref = reference.generate(prompt, args.gen_len, forced=result.tokens, keep_logits=True)
+def compare(result: GenerationResult, prompt: torch.Tensor, engine: Engine) -> dict:
+    """The ideal policy on the engine's own weights (no policy writes them), teacher-forced on the
+    tokens `result` produced."""
+    with Engine(engine.spec, make_policy("ideal"), engine.device, engine.dtype, model=engine.model) as reference:
+        ref = reference.generate(prompt, result.tokens.shape[1], forced=result.tokens, keep_logits=True)
     assert result.logits is not None and ref.logits is not None
     agree = (result.logits.argmax(-1) == ref.logits.argmax(-1)).float().mean().item()
     return {"top1_agreement": agree, "max_abs_logit_diff": (result.logits - ref.logits).abs().max().item()}
 
 
-def run(args: argparse.Namespace) -> dict:
-    check_sizes(args)
-    policy = policy_from_args(args)
-    device = resolve_device(args.device)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)  # a shared 2-core box: OpenMP barriers stall on busy cores
-    print(f"device: {device.type}", file=sys.stderr if args.json else sys.stdout)
-    with build_engine(args, policy, device) as engine:
-        gen = torch.Generator().manual_seed(args.seed)
-        prompt = torch.randint(0, engine.spec.vocab_size, (args.batch_size, args.prompt_len), generator=gen)
-        engine.check_lengths(args.prompt_len, args.gen_len)
-        result = generate(engine, prompt, args)
+def run(config: RunConfig, policy: PolicyConfig) -> dict:
+    """One generation (and its check) -> the printed figures."""
+    device = resolve_device(config.device)
+    if config.trace is not None:
+        check_writable("--trace", config.trace, folder=False)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)  # a shared 2-core box: OpenMP barriers stall on busy cores
+    print(f"device: {device.type}", file=sys.stderr if config.json else sys.stdout)
+    with build_engine(config, policy, device) as engine:
+        engine.check_lengths(config.prompt_len, config.gen_len)
+        gen = torch.Generator().manual_seed(config.seed)
+        prompt = torch.randint(0, engine.spec.vocab_size, (config.batch_size, config.prompt_len), generator=gen)
+        result = generate(engine, prompt, config)
         steps = len(result.steps)
         out = {
             "policy": policy.name.value, "model": engine.spec.name, "device": device.type,
-            "dtype": str(engine.dtype).removeprefix("torch."), "batch_size": args.batch_size,
-            "prompt_len": args.prompt_len, "gen_len": args.gen_len, "overlap": policy.overlap,
-            "threads": torch.get_num_threads(),
-            "alpha": policy.alpha, "max_fetch_ratio": policy.max_fetch_ratio,
+            "dtype": str(engine.dtype).removeprefix("torch."), "batch_size": config.batch_size,
+            "prompt_len": config.prompt_len, "gen_len": config.gen_len, "overlap": policy.overlap,
+            "threads": torch.get_num_threads(), "alpha": policy.alpha, "max_fetch_ratio": policy.max_fetch_ratio,
             "prefill_s": result.prefill_s, "decode_s": result.decode_s,
-            "tokens_per_s": args.batch_size * steps / result.decode_s if steps else 0.0,
-            "fetched_fraction": fetched_fraction(result, policy.full_fetch_layers),
+            "tokens_per_s": config.batch_size * steps / result.decode_s if steps else 0.0,
+            "fetched_fraction": result.fetched_fraction(policy.full_fetch_layers),
         }
-        if args.check:
-            out.update(compare(result, args, prompt, engine))
+        if config.check:
+            out.update(compare(result, prompt, engine))
     return out
 
 
@@ -173,14 +163,18 @@ def _jsonable(value: object) -> object:
     return str(value) if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        out = run(args)
-    except (UsageError, PolicyError, UnknownModelError, CheckpointError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
+    except SystemExit as exc:  # --help (0) or a bad flag (2, its one line already printed)
+        return int(exc.code or 0)
+    config = dataclass_from_args(RunConfig, args)
+    try:
+        policy = dataclass_from_args(PolicyConfig, args, skip=("name",), name=config.policy)
+        out = run(config, policy)
+    except (InputError, PolicyError, UnknownModelError, CheckpointError, ValueError) as exc:
+        return report_error(PROG, exc)
+    if config.json:
         print(json.dumps({k: _jsonable(v) for k, v in out.items()}, allow_nan=False))
     else:
         for key, value in out.items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from infinigen_sim.policies import make_policy
+from infinigen_sim.spec.policies import make_policy
 from profiler.runtime.engine import Engine
 
 

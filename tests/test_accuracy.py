@@ -14,36 +14,34 @@ import torch
 pytest.importorskip("gguf")
 pytest.importorskip("tokenizers")
 
-from infinigen_sim.bundle import FETCH_COLUMNS, read_bundle  # noqa: E402
-from infinigen_sim.policies import make_policy  # noqa: E402
-from profiler import accuracy, collect, fetch_stats, run, skew_stats, smollm2  # noqa: E402
-from profiler.runtime.checkpoint import CheckpointError, load_pretrained, pretrained_loader, to_hf_state_dict  # noqa: E402
+from infinigen_sim.spec.bundle import FETCH_COLUMNS, read_bundle  # noqa: E402
+from infinigen_sim.spec.fetch import CHECKPOINT_SOURCE  # noqa: E402
+from infinigen_sim.spec.policies import make_policy  # noqa: E402
+from profiler import accuracy as accuracy_cli  # noqa: E402
+from profiler import collect, run  # noqa: E402
+from profiler.bench import fetch as fetch_bench  # noqa: E402
 from profiler.runtime.engine import Engine  # noqa: E402
-from profiler.texts import PG19_TEXT, SHAKESPEARE_TEXT, load_text_ids  # noqa: E402
+from profiler.studies import accuracy, skew_stats  # noqa: E402
+from profiler.weights import smollm2  # noqa: E402
+from profiler.weights.checkpoint import CheckpointError, to_hf_state_dict  # noqa: E402
+from profiler.weights.pretrained import load_pretrained, pretrained_loader  # noqa: E402
+from profiler.weights.texts import PG19_TEXT, load_text_ids  # noqa: E402
 
 MODEL = "smollm2-135m"
 try:
     pretrained_loader(MODEL)
 except CheckpointError as err:
     pytest.skip(str(err), allow_module_level=True)
-if not PG19_TEXT.is_file():
-    pytest.skip(f"{PG19_TEXT} missing", allow_module_level=True)
 
 from test_smollm2 import reference_logits  # noqa: E402  (the independent float32 Llama)
 
-
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    """Small decode steps on a loaded 2-core box: OpenMP barriers dominate; one thread keeps tests fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 @pytest.fixture(scope="module")
 def smol():
-    """(spec, model): loaded once; InfiniGen's Llama skew never writes the weights, so tests share them."""
+    """(spec, model): loaded once; no policy writes the weights (skewing is kept beside them), so tests
+    share them."""
     return load_pretrained(MODEL)
 
 
@@ -84,7 +82,7 @@ def test_engine_ideal_perplexity_equals_reference(smol, pg19):
 
 def test_unlimited_infinigen_is_ideal_and_csv_has_the_columns(smol):
     spec, weights = smol
-    config = sweep(policies="ideal,infinigen", alphas="inf", partial_ratios="1.0", alpha=math.inf,
+    config = sweep(policies=("ideal", "infinigen"), alphas=(math.inf,), partial_ratios=(1.0,), alpha=math.inf,
                    partial_ratio=1.0, max_fetch_ratio=1.0)
     ids = load_text_ids(MODEL, PG19_TEXT, config.max_tokens)
     rows = accuracy.run_accuracy(config, spec, weights, ids)
@@ -100,7 +98,7 @@ def test_unlimited_infinigen_is_ideal_and_csv_has_the_columns(smol):
 
 def test_fetched_fraction_grows_with_alpha_and_h2o_matches_the_budget(smol):
     spec, weights = smol
-    config = sweep(alphas="0.5,4", partial_ratios="", max_fetch_ratio=1.0)
+    config = sweep(alphas=(0.5, 4.0), partial_ratios=(), max_fetch_ratio=1.0)
     ids = load_text_ids(MODEL, PG19_TEXT, config.max_tokens)
     rows = {(r["policy"], r["alpha"]): r for r in accuracy.run_accuracy(config, spec, weights, ids)}
     low, high = rows["infinigen", 0.5], rows["infinigen", 4.0]
@@ -112,6 +110,22 @@ def test_fetched_fraction_grows_with_alpha_and_h2o_matches_the_budget(smol):
     int4 = rows["int4", None]
     assert int4["fetched_fraction"] == 1.0 and int4["kv_bytes_ratio"] == pytest.approx(0.28125)
     assert int4["top1_agreement"] > 0.5 and rows["ideal", None]["top1_agreement"] == 1.0
+
+
+def test_accuracy_cli_writes_the_csv_and_fails_in_one_line(smol, tmp_path, monkeypatch, capsys):
+    spec, weights = smol
+    monkeypatch.setattr(accuracy_cli, "load_pretrained", lambda name: (spec, weights))  # loaded once above
+    out = tmp_path / "accuracy.csv"
+    argv = ["--max-tokens", "40", "--prefix", "16", "--alphas", "4,inf", "--partial-ratios", "0.3",
+            "--policies", "ideal,infinigen", "--out", str(out)]
+    assert accuracy_cli.main(argv) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [r["policy"] for r in rows] == ["ideal", "infinigen", "infinigen"]
+    assert [r["alpha"] for r in rows[1:]] == ["4.0", "inf"] and {r["tokens"] for r in rows} == {"23"}
+    assert "ppl" in capsys.readouterr().out
+    assert accuracy_cli.main([*argv, "--prefix", "39"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{accuracy_cli.PROG}: error: --prefix 39")
 
 
 def test_h2o_budget_rows_matches_the_mean_share():
@@ -142,17 +156,16 @@ def test_run_cli_uses_the_installed_weights(smol, monkeypatch, capsys):
     assert out["model"] == MODEL and out["policy"] == "infinigen"
 
 
-@pytest.mark.skipif(not SHAKESPEARE_TEXT.is_file(), reason=f"{SHAKESPEARE_TEXT} missing")
 def test_fetch_pass_writes_rows_the_bundle_reads(smol, tmp_path, monkeypatch):
     spec, weights = smol
-    monkeypatch.setattr(fetch_stats, "load_pretrained", lambda name: (spec, weights))  # loaded once above
+    monkeypatch.setattr(fetch_bench, "load_pretrained", lambda name: (spec, weights))  # loaded once above
     out = tmp_path / "bundle"
     argv = ["--device", "cpu", "--quick", "--models", "tiny-opt", "--threads", "1", "--out", str(out),
             "--fetch-model", MODEL, "--fetch-contexts", "32,64"]
     assert collect.main(argv) == 0
     fetch = read_bundle(out).fetch
     assert list(fetch.columns) == FETCH_COLUMNS and len(fetch) == 2 * spec.n_layers
-    assert set(fetch.source) == {"checkpoint"} and set(fetch.model) == {MODEL} and (fetch.samples == 4).all()
+    assert set(fetch.source) == {CHECKPOINT_SOURCE} and set(fetch.model) == {MODEL} and (fetch.samples == 4).all()
     speculated = fetch[fetch.layer >= 2]
     assert (speculated.fetched_tokens >= 1).all() and (speculated.fetched_tokens <= speculated.context_len).all()
     full = fetch[fetch.layer < 2]  # never speculated: every cached row, at contexts n - 5 ... n - 2

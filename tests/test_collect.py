@@ -15,9 +15,10 @@ import pytest
 import torch
 import yaml
 
-from infinigen_sim.bundle import (
+from infinigen_sim.spec.bundle import (
     KERNEL_COLUMNS,
     KERNEL_KEY,
+    SCHEMA_VERSION,
     STEP_COLUMNS,
     STEP_KEY,
     TRANSFER_COLUMNS,
@@ -26,11 +27,17 @@ from infinigen_sim.bundle import (
     done_keys,
     read_bundle,
 )
-from infinigen_sim.models import get_model
-from infinigen_sim.policies import ALL_POLICIES
-from profiler import collect, kernels, nvml
-from profiler.kernels import GRIDS, KernelBench, kernel_points, kernel_tasks
-from profiler.transfers import TransferBench, TransferPoint, TransferSweep, make_sweep, transfer_points
+from infinigen_sim.spec.models import get_model
+from infinigen_sim.spec.ops import Op, ops_in_pass
+from infinigen_sim.spec.policies import ALL_POLICIES
+from profiler import collect
+from profiler.bench import collection, host, kernels
+from profiler.bench.kernel_passes import cache_pass, decode_pass, prefill_pass
+from profiler.bench.kernels import GRIDS, KERNEL_OPS, KernelBench, kernel_points, kernel_tasks
+from profiler.bench.steps import WALL_OP
+from profiler.bench.transfer_grid import TransferPoint, TransferSweep, make_sweep, transfer_points
+from profiler.bench.transfers import TransferBench
+from profiler.runtime.model import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ["--device", "cpu", "--quick", "--models", "tiny-opt"]
@@ -76,8 +83,11 @@ def test_quick_bundle_reads_back(quick_bundle: Path) -> None:
     assert (copies.gbps > 0).all() and handoff.gbps.isna().all()
     assert set(handoff.layout) == {f"handoff.{p}" for p in ("flexgen", "int4", "h2o", "infinigen")}
     assert (handoff.groupby("layout").rows.nunique() >= 3).all() and (handoff.nbytes > 0).all()
-    # every op the simulator prices from the runtime, incl. InfiniGen's skew and H2O's score, and the span
-    assert {"skew", "score", "span", "attention", "dequantize", "speculate", "topk"} <= set(bundle.kernels.op)
+    # every op the simulator prices from the runtime, incl. InfiniGen's skew and H2O's score, and the span,
+    # all by their spec.ops names (schema 2: `ffn` is W_O + MLP, no `o_proj` rows)
+    assert set(bundle.kernels.op) == {op.value for op in KERNEL_OPS}
+    assert {"skew", "score", "span", "attention", "dequantize", "speculate", "topk", "ffn"} <= set(bundle.kernels.op)
+    assert set(bundle.steps.op) - {WALL_OP} <= {op.value for op in Op} and "o_proj" not in set(bundle.steps.op)
     assert bundle_keys(quick_bundle)[:2] == expected_keys([*QUICK, "--out", "x"])
     assert list(bundle.steps.columns) == STEP_COLUMNS
     walls = bundle.steps[bundle.steps.op == "wall"]
@@ -87,7 +97,7 @@ def test_quick_bundle_reads_back(quick_bundle: Path) -> None:
                            & (bundle.steps.layer >= 0)]
     assert (flexgen.fetched_tokens == flexgen.context_len).all()  # flexgen fetches every cached row
     meta = bundle.meta
-    assert meta["schema_version"] == 1 and meta["device"]["type"] == "cpu"
+    assert meta["schema_version"] == SCHEMA_VERSION == 2 and meta["device"]["type"] == "cpu"
     assert meta["transfers"]["memory"] == ["pageable"] and meta["transfers"]["pinned"].startswith("not measured")
     assert meta["repeats"] == {"timed": 5, "warmup": 1, "summary": "median, p10, p90"}
     assert meta["settings"]["threads"] == 1  # the CPU default: one intra-op thread
@@ -99,10 +109,12 @@ def test_quick_bundle_reads_back(quick_bundle: Path) -> None:
                                     "gathered_batch.gather", "gathered_batch.copy"}
     assert (gathered.rows * gathered.row_bytes == gathered.nbytes).all()
     assert {10240, 1024} <= set(gathered.row_bytes)  # opt-13b fp16 row and tiny-opt's fp32 row
-    printed = collect.format_summary(collect.resolve(collect.parse_args([*QUICK, "--out", str(quick_bundle)])))
+    printed = collection.format_summary(collect.resolve(collect.parse_args([*QUICK, "--out", str(quick_bundle)])))
     assert "h2d pageable contiguous peak" in printed and "% of ceiling" in printed
     assert "gathered 1024x10240 B" in printed and "attention  b4" in printed and "copy-worker handoff" in printed
     assert "tiny-opt/infinigen/b2/p128/g16" in printed and "tok/s" in printed
+    op_lines = {line.split()[1]: line for line in printed.splitlines() if line.startswith("  tiny-opt     ")}
+    assert "GB/s" in op_lines["attention"] and "GB/s" in op_lines["ffn"] and "GB/s" not in op_lines["span"]
 
 
 def test_other_schema_version_is_a_clear_error(quick_bundle: Path, tmp_path: Path) -> None:
@@ -110,7 +122,7 @@ def test_other_schema_version_is_a_clear_error(quick_bundle: Path, tmp_path: Pat
     shutil.copytree(quick_bundle, copy)
     meta = yaml.safe_load((copy / "meta.yaml").read_text())
     (copy / "meta.yaml").write_text(yaml.safe_dump({**meta, "schema_version": 0}))
-    with pytest.raises(BundleError, match=r"meta\.yaml: key 'schema_version': expected 1, got 0"):
+    with pytest.raises(BundleError, match=r"meta\.yaml: key 'schema_version': expected 2, got 0"):
         read_bundle(copy)
     result = run_cli(*QUICK, "--out", str(copy), "--resume")
     assert result.returncode == 2 and "schema_version" in result.stderr
@@ -168,9 +180,10 @@ def test_non_empty_out_needs_resume(quick_bundle: Path, capsys) -> None:
 @pytest.mark.parametrize("argv, message", [
     (["--models", "opt-14b"], "unknown model 'opt-14b'"),
     (["--policies", "lru"], "unknown policy 'lru'"),
-    (["--repeats", "3"], "--repeats must be >= 5"),
-    (["--device", "tpu"], "expected cuda or cpu"),
-    (["--threads", "0"], "--threads must be >= 1"),
+    (["--repeats", "3"], "argument --repeats: expected a whole number >= 5, got '3'"),
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["--threads", "0"], "argument --threads: expected a whole number >= 1, got '0'"),
+    (["--fetch-only"], "--fetch-only needs --fetch-model"),
 ])
 def test_bad_values_fail_in_one_line(argv: list[str], message: str, tmp_path: Path, capsys) -> None:
     assert collect.main(["--device", "cpu", *argv, "--out", str(tmp_path / "b")]) == 2
@@ -192,13 +205,13 @@ def test_meta_without_nvml(monkeypatch) -> None:
         raise pynvml.NVMLError_LibraryNotFound(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
 
     monkeypatch.setattr(pynvml, "nvmlInit", missing)
-    meta = nvml.collect_meta(torch.device("cpu"), {})
+    meta = host.collect_meta(torch.device("cpu"), {})
     assert meta["gpu"]["nvml"] == "unavailable (NVMLError_LibraryNotFound)"
-    assert all(meta["gpu"][key] == "unavailable (NVMLError_LibraryNotFound)" for key in nvml.NVML_FIELDS)
+    assert all(meta["gpu"][key] == "unavailable (NVMLError_LibraryNotFound)" for key in host.NVML_FIELDS)
     assert meta["host"]["logical_cores"] >= 1 and meta["device"]["name"].startswith("cpu: ")
     yaml.safe_dump(meta)  # plain types only
     monkeypatch.setitem(sys.modules, "pynvml", None)  # not even installed
-    assert nvml.gpu_facts()["pcie_gen_max"].startswith("unavailable (")
+    assert host.gpu_facts()["pcie_gen_max"].startswith("unavailable (")
 
 
 def test_meta_with_nvml_reads_every_field(monkeypatch) -> None:
@@ -219,7 +232,7 @@ def test_meta_with_nvml_reads_every_field(monkeypatch) -> None:
         nvmlDeviceGetMaxPcieLinkWidth=lambda h: 16, nvmlDeviceGetClockInfo=lambda h, c: 1755,
         nvmlDeviceGetMaxClockInfo=unsupported)
     monkeypatch.setitem(sys.modules, "pynvml", fake)
-    facts = nvml.gpu_facts()
+    facts = host.gpu_facts()
     assert facts["nvml"] == "ok" and facts["name"] == "NVIDIA H100 PCIe" and facts["memory_gib"] == 80
     assert facts["pcie_gen_current"] == 5 and facts["pcie_width_max"] == 16
     assert facts["sm_clock_max_mhz"] == "unavailable (NotSupported)"
@@ -228,7 +241,7 @@ def test_meta_with_nvml_reads_every_field(monkeypatch) -> None:
 def test_oom_is_recorded_and_the_sweep_goes_on(monkeypatch) -> None:
     grid = GRIDS[("cpu", True)]
     bench = KernelBench(torch.device("cpu"), {"tiny-opt": get_model("tiny-opt")}, grid, repeats=5, warmup=1, seed=0)
-    task = next(t for t in kernel_tasks([get_model("tiny-opt")], "float32", grid) if t.phase == "cache")
+    task = next(t for t in kernel_tasks([get_model("tiny-opt")], "float32", grid) if t.kernel_pass == "cache")
     real_build = bench.build
 
     def attention_ooms(t):
@@ -254,7 +267,7 @@ def test_decode_ops_cycle_every_layer_of_the_model() -> None:
     bench = KernelBench(torch.device("cpu"), {"tiny-opt": get_model("tiny-opt")}, grid, repeats=5, warmup=1, seed=0)
     assert bench.layers(get_model("tiny-opt")) == get_model("tiny-opt").n_layers  # 12 MiB of weights < 4 x LLC
     assert kernels.cold_layers(40, 600 << 20, 32 << 20) == 2 and kernels.cold_layers(8, 1 << 20, 32 << 20) == 8
-    task = next(t for t in kernel_tasks([get_model("tiny-opt")], "float32", grid) if t.phase == "decode")
+    task = next(t for t in kernel_tasks([get_model("tiny-opt")], "float32", grid) if t.kernel_pass == "decode")
     rows = {row["op"]: row for row in bench.measure(task)}
     assert rows["ffn"]["repeats"] == 5 * 4 and rows["norm"]["repeats"] == 5 * (2 * 4 + 1)
     assert rows["embed"]["repeats"] == 5 and rows["span"]["repeats"] == 5 * 4
@@ -281,3 +294,30 @@ def test_gather_copies_distinct_rows_of_each_sequence(pattern: str) -> None:
     assert [r["layout"] for r in row] == [pattern, f"{pattern}.gather", f"{pattern}.copy"]
     bench.close()
 
+
+
+def test_each_pass_times_the_ops_spec_ops_gives_it() -> None:
+    """The kernel passes and the kernels.csv points agree with spec.ops: one `ffn` entry per layer for the
+    output projection and the MLP together, no `o_proj`."""
+    model = build_model(get_model("tiny-opt"))
+    with torch.inference_mode():
+        passes = {"decode": [decode_pass(model, 2, 16, 0)], "cache": cache_pass(model, 2, 2, 16, 0),
+                  "prefill": [prefill_pass(model, 2, 16, 0)]}
+    for name, built in passes.items():
+        timed = {op for p in built for entry in p.entries for op in entry.ops}
+        assert timed == set(ops_in_pass(name)), name
+    decode = passes["decode"][0].entries
+    assert [e.layer for e in decode if e.op == Op.FFN] == list(range(len(model.layers)))
+    grid = GRIDS[("cpu", True)]
+    by_pass = {t.kernel_pass: {p.op for p in t.points} for t in kernel_tasks([get_model("tiny-opt")], "float32", grid)}
+    assert by_pass == {name: set(ops_in_pass(name)) for name in passes}
+    dequantize = next(p for t in kernel_tasks([get_model("tiny-opt")], "float32", grid) if t.kernel_pass == "cache"
+                      for p in t.points if p.op == Op.DEQUANTIZE)
+    assert (dequantize.n_tokens, dequantize.kv_len) == (grid.kv_lens[0], 0)  # the fetched rows converted
+
+
+def test_help_shows_every_default_and_unit(capsys) -> None:
+    assert collect.main(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--out DIR bundle folder to write (default: profile_bundle)" in text
+    assert "[calls]" in text and "[tokens]" in text and "(default: ideal,flexgen,int4,h2o,infinigen)" in text

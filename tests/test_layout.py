@@ -148,3 +148,14 @@ def test_a_non_editable_wheel_runs_the_main_job_from_another_folder(tmp_path):
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
     assert (elsewhere / "out" / "results.csv").read_bytes() == (tmp_path / "here" / "results.csv").read_bytes()
+
+
+def test_the_texts_ship_with_the_package():
+    """The studies' texts are inside the repository (and the wheel): nothing reads ../shared."""
+    from profiler.bench import fetch
+    from profiler.weights.texts import PG19_TEXT, SHAKESPEARE_TEXT
+
+    for text in (PG19_TEXT, SHAKESPEARE_TEXT):
+        assert text.is_file() and text.is_relative_to(ROOT / "profiler") and text.stat().st_size > 10_000
+    assert fetch.DEFAULT_TEXT == SHAKESPEARE_TEXT
+    assert not [p for p in modules().values() if "shared/" in p.read_text()]

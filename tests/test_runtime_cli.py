@@ -1,4 +1,5 @@
-"""`python -m profiler.run`: every policy end to end with --json, and one-line errors with exit 2."""
+"""`python -m profiler.run`: every policy end to end with --json, --help with defaults and units, and
+one-line errors with exit 2."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from infinigen_sim.policies import ALL_POLICIES
-from profiler.run import main
+from infinigen_sim.spec.policies import ALL_POLICIES
+from profiler.run import PROG, main
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--prompt-len", "48", "--gen-len", "4", "--warmup", "0"]
@@ -57,17 +58,28 @@ def test_text_output_and_trace(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--model", "gpt-5"], "unknown model"),
     (["--policy", "lru"], "unknown policy"),
-    (["--alpha", "-1"], "bad alpha"),
+    (["--alpha", "-1"], "argument --alpha: expected a number >= 0"),
     (["--max-fetch-ratio", "0"], "bad max_fetch_ratio"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--batch-size", "0"], "argument --batch-size: expected a whole number >= 1, got '0'"),
     (["--prompt-len", "5000"], "exceeds"),
-    (["--gen-len", "x"], "invalid int"),
+    (["--gen-len", "x"], "argument --gen-len: expected a whole number"),
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
     (["--checkpoint", "/nonexistent"], "no config.json"),
+    (["--trace", "/proc/trace.json"], "--trace /proc/trace.json: cannot write in /proc"),
 ])
 def test_errors_exit_2_with_one_line(args, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0] and err[0].startswith("error:")
+    assert len(err) == 1 and message in err[0] and err[0].startswith(f"{PROG}: error:")
+
+
+def test_help_shows_defaults_and_units(capsys):
+    assert main(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for expected in ("--prompt-len PROMPT_LEN prompt length [tokens] (default: 256)",
+                     "[sequences] (default: 2)", "--alpha ALPHA InfiniGen: fetch tokens scoring above max - alpha "
+                     "(inf: every token) (default: 4.0)", "--overlap, --no-overlap", "(default: infinigen)"):
+        assert expected in text
 
 
 def test_error_in_a_subprocess_has_no_traceback():

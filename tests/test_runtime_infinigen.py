@@ -1,5 +1,6 @@
-"""InfiniGen in the runtime: skewing is exact, an unlimited budget is full attention, fetch counts
-follow policies.infinigen_fetch_count, and the bounded host pool keeps K, V and partial K aligned."""
+"""InfiniGen in the runtime: skewing is exact and never writes the model, an unlimited budget is full
+attention, fetch counts follow spec.policies.infinigen_fetch_count, and the bounded host pool keeps
+K, V and partial K aligned."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pytest
 import torch
 from runtime_helpers import prompt_ids, run_with_reference
 
-from infinigen_sim.models import get_model
-from infinigen_sim.policies import infinigen_cap, infinigen_fetch_count, make_policy
+from infinigen_sim.spec.models import get_model
+from infinigen_sim.spec.policies import infinigen_cap, infinigen_fetch_count, make_policy
 from profiler.runtime.engine import Engine
 from profiler.runtime.infinigen import HostPool
 from profiler.runtime.model import build_model, prefill_attention
@@ -18,34 +19,58 @@ from profiler.runtime.skew import FoldedSkew, RotarySkew, apply_skew, count_abov
 
 FAMILIES = ["tiny-opt", "tiny-llama-gqa"]
 
-
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
-
-
-
 def test_skew_folding_leaves_every_layer_attention_unchanged():
+    """OPT's FoldedSkew: A (orthogonal) preserves every score, the cached K is the plain K, the partial
+    W_Q beside the model gives exactly the kept columns of the skewed query, and the skewed query's
+    energy sits in its first columns; the model's weights are never written."""
     spec = get_model("tiny-opt")
     model = build_model(spec, seed=2).double()
+    weights = {key: t.clone() for key, t in model.state_dict().items()}
     tokens = prompt_ids(spec, length=33)
     pos = torch.arange(tokens.shape[1])
-    skew = FoldedSkew(model, n_cols=20)
+    skew, every_column = FoldedSkew(model, n_cols=20), FoldedSkew(model, n_cols=spec.head_dim)
+    B, T, H, Hkv, D = tokens.shape[0], tokens.shape[1], spec.n_heads, spec.n_kv_heads, spec.head_dim
     with torch.no_grad():
         x = model.embed(tokens, pos)
         for layer, block in enumerate(model.layers):
             a = block.input_layernorm(x)
             q, k, v = model.qkv(layer, a, pos)
-            before = prefill_attention(q, k, v)
-            k_cached, _ = skew.prepare(layer, q, k)
-            q2, k2, v2 = model.qkv(layer, a, pos)  # the folded weights
-            after = prefill_attention(q2, k2, v2)
-            torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5 * before.abs().max().item())
-            torch.testing.assert_close(k2, k_cached)
-            energy = q2.pow(2).sum(dim=(0, 1))  # (H, D): skewed columns sorted by singular value
+            k_cached, partial_k = skew.prepare(layer, q, k)
+            assert k_cached is k  # the cache keeps plain K
+            A = skew_matrices(q, Hkv)
+            q_s, k_s = apply_skew(q, A), apply_skew(k, A)  # (B, T, H|Hkv, D)
+            grouped = "btjgd,bsjd->bjgts"
+            scores = torch.einsum(grouped, q.view(B, T, Hkv, -1, D), k)
+            torch.testing.assert_close(torch.einsum(grouped, q_s.view(B, T, Hkv, -1, D), k_s), scores)
+            _, all_k = every_column.prepare(layer, q, k)  # every column: speculation is exact
+            exact = speculation_scores(every_column.query(layer, a[:, -1:], pos[-1:]), all_k.transpose(1, 2), D)
+            torch.testing.assert_close(exact, scores[..., -1, :].amax(dim=2) * D**-0.5)
+            kept = skew.query(layer, a, pos).view(B, T, H, -1)  # the partial W_Q on every position
+            torch.testing.assert_close(kept, apply_skew(q, skew.skew_cols[layer]))
+            torch.testing.assert_close(partial_k, apply_skew(k, skew.skew_cols[layer]))
+            energy = q_s.pow(2).sum(dim=(0, 1))  # (H, D): skewed columns sorted by singular value
             assert (energy[:, 0] >= energy[:, -1]).all()
-            x = x + block.self_attn.o_proj(before)
+            x = x + block.self_attn.o_proj(prefill_attention(q, k, v))
             x = x + block.ffn(x)
+    for key, t in model.state_dict().items():
+        assert torch.equal(t, weights[key]), key
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_infinigen_engine_leaves_the_model_bit_identical(name):
+    spec = get_model(name)
+    model = build_model(spec, seed=3)
+    before = {key: t.clone() for key, t in model.state_dict().items()}
+    with Engine(spec, make_policy("infinigen", pool_ratio=0.8), "cpu", model=model) as engine:
+        engine.generate(prompt_ids(spec), 4)
+        engine.generate(prompt_ids(spec, seed=1), 4)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for key, t in before.items():
+        assert after[key].dtype == t.dtype and torch.equal(after[key], t), key
 
 
 def test_rotary_skew_with_all_columns_reproduces_the_scores():
@@ -94,7 +119,7 @@ def test_fetch_counts_respect_the_cap_and_full_layers(name):
         assert step.fetched[: policy.full_fetch_layers] == [n] * policy.full_fetch_layers
         for rows in step.fetched[policy.full_fetch_layers :]:
             assert 1 <= rows <= infinigen_cap(policy, n)
-        assert {"speculate", "topk", "gather", "h2d"} <= set(step.layer_phase_s[policy.full_fetch_layers])
+        assert {"speculate", "topk", "gather", "h2d"} <= set(step.layer_op_s[policy.full_fetch_layers])
 
 
 def test_fetch_count_is_the_policy_rule_on_the_speculated_count():

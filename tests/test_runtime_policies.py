@@ -1,23 +1,24 @@
 """The baselines in the runtime: flexgen is exact, int4 stays within its quantisation bound, h2o never
-exceeds its budget; records carry what the profiler reads; the micro-benchmark ops run."""
+exceeds its budget; records carry what the profiler reads, and the engine opens the spans the cost
+model's CPU overheads count."""
 
 from __future__ import annotations
+
+from collections import Counter
 
 import pytest
 import torch
 from runtime_helpers import prompt_ids, run_with_reference
 
-from infinigen_sim.models import get_model
-from infinigen_sim.policies import h2o_budget, make_policy
+from infinigen_sim.cost.overheads import SPANS_PER_OP
+from infinigen_sim.spec.models import get_model
+from infinigen_sim.spec.ops import COMPUTE_OPS, Op
+from infinigen_sim.spec.policies import h2o_budget, make_policy
 from profiler.runtime.engine import Engine
 from profiler.runtime.h2o import select_heavy_recent
-from profiler.runtime.model import build_model
-from profiler.runtime.ops import decode_ops
 from profiler.runtime.quant import dequantize, quantize
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
 
 
 
@@ -42,7 +43,7 @@ def test_int4_packs_two_codes_per_byte_and_runs_end_to_end():
     assert cache.host[0].t[0].dtype == torch.uint8 and cache.host[0].t[0].shape[-1] == spec.kv_dim // 2
     assert (result.logits - reference.logits).abs().max() < 0.2
     assert all(s.fetched == [s.context_len] * spec.n_layers for s in result.steps)
-    phases = result.steps[0].layer_phase_s[0]
+    phases = result.steps[0].layer_op_s[0]
     assert {"quantize", "dequantize", "h2d", "d2h"} <= set(phases)
 
 
@@ -83,22 +84,34 @@ def test_records_have_every_layer_and_fetch_counts():
     with Engine(spec, make_policy("infinigen"), "cpu") as engine:
         result = engine.generate(prompt_ids(spec, batch=1), 5)
     assert result.prefill.step == -1 and result.prefill.context_len == 40
-    assert "skew" in result.prefill.layer_phase_s[2] and "skew" not in result.prefill.layer_phase_s[0]
+    assert "skew" in result.prefill.layer_op_s[2] and "skew" not in result.prefill.layer_op_s[0]
     for t, step in enumerate(result.steps):
         assert step.step == t and step.context_len == 40 + t
-        assert len(step.layer_phase_s) == len(step.fetched) == spec.n_layers
-        assert step.phase_total_s("attention") > 0 and step.wall_s >= step.phase_total_s("lm_head")
-        assert step.to_dict()["fetched"] == step.fetched
+        assert len(step.layer_op_s) == len(step.fetched) == spec.n_layers
+        assert step.op_total_s(Op.ATTENTION) > 0 and step.wall_s >= step.op_total_s("lm_head")
 
 
 @pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama-gqa"])
-def test_micro_benchmark_ops_run(name):
+def test_a_decode_step_opens_the_spans_the_cost_model_counts(name):
+    """cost.overheads.SPANS_PER_OP: `ffn` is two spans (output projection, MLP), `speculate` two (the
+    layer's speculation, its new partial K row); every other compute op one span per call (a layer
+    runs two norms)."""
     spec = get_model(name)
-    ops = decode_ops(build_model(spec), make_policy("infinigen"), batch=2, kv_len=50)
-    assert {"qkv", "attention", "ffn", "speculate", "topk", "quantize", "dequantize", "norm", "gather",
-            "h2d", "d2h"} <= set(ops)
-    for fn in ops.values():
-        fn()
+    policy = make_policy("infinigen", overlap=False)  # copy-worker spans inline, counted in order
+    prompt = prompt_ids(spec, batch=1)
+    with Engine(spec, policy, "cpu") as engine, torch.inference_mode():
+        engine.setup_caches(1, prompt.shape[1], 2)
+        engine.prefill(prompt)
+        spans, span = Counter(), engine.timer.span
+        engine.timer.span = lambda op, layer, host=False: spans.update([(op, layer)]) or span(op, layer, host)
+        engine.decode_one_token(prompt[:, -1:], prompt.shape[1])
+    for layer in range(spec.n_layers):
+        compute = {op: n for (op, at), n in spans.items() if at == layer and op in COMPUTE_OPS}
+        expected = {Op.NORM: 2, Op.QKV: 1, Op.ATTENTION: 1, Op.FFN: SPANS_PER_OP[Op.FFN]}
+        if layer >= policy.full_fetch_layers:
+            expected |= {Op.SPECULATE: SPANS_PER_OP[Op.SPECULATE], Op.TOPK: 1}
+        assert compute == expected, layer
+    assert SPANS_PER_OP[Op.FFN] == SPANS_PER_OP[Op.SPECULATE] == 2
 
 
 @pytest.mark.parametrize("policy", ["ideal", "flexgen", "int4", "h2o", "infinigen", "infinigen-pool"])

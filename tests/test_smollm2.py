@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,16 +16,16 @@ import torch.nn.functional as F
 pytest.importorskip("gguf")
 pytest.importorskip("tokenizers")
 
-from profiler import smollm2  # noqa: E402
+from profiler.weights import smollm2  # noqa: E402
 
 try:
     smollm2.find_gguf()
 except FileNotFoundError as err:
     pytest.skip(str(err), allow_module_level=True)
 
-from infinigen_sim.models import ModelSpec, get_model  # noqa: E402
+from infinigen_sim.spec.models import ModelSpec, get_model  # noqa: E402
+from profiler.weights.texts import PG19_TEXT as PG19  # noqa: E402  (shipped in the package)
 
-PG19 = Path(__file__).parents[2] / "shared/data/pg19_firstbook.txt"
 PPL_TOKENS = 512
 
 
@@ -126,8 +125,6 @@ def tokenizer() -> smollm2.GGUFTokenizer:
 
 @pytest.fixture(scope="module")
 def pg19_ids(tokenizer) -> list[int]:
-    if not PG19.is_file():
-        pytest.skip(f"{PG19} missing")
     return tokenizer.encode(PG19.read_text(encoding="utf-8"))[:PPL_TOKENS]
 
 
@@ -162,8 +159,6 @@ def test_unpermute_inverts_llama_cpp_permute():
 
 
 def test_tokenizer_round_trips_first_paragraph(tokenizer):
-    if not PG19.is_file():
-        pytest.skip(f"{PG19} missing")
     paragraph = PG19.read_text(encoding="utf-8").split("\n")[0]
     ids = tokenizer.encode(paragraph)
     assert 150 < len(ids) < 300  # ~4.5 characters per token on English prose

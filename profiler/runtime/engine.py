@@ -1,10 +1,12 @@
-"""The engine: one model and one KV policy; prefill, decode steps and their phase records.
+"""The engine: one model and one KV policy; prefill, decode steps and their per-op records.
 
 One function per phase as in gpt-fast's generate.py: `prefill`, `decode_one_token` (over
-`decode_layer`), `generate`. The decode step follows the schedule in infinigen_sim.policies: embed,
-then per layer norm -> (the cache issues the next layer's fetch, speculating it for InfiniGen) ->
-QKV -> write-back of the new K/V row -> wait for this layer's rows -> attention -> output
-projection -> FFN; then final norm and LM head. Greedy decoding, or teacher forcing on given tokens.
+`decode_layer`), `generate`. The decode step follows the schedule in infinigen_sim.spec.policies:
+embed, then per layer norm -> (the cache issues the next layer's fetch, speculating it for
+InfiniGen) -> QKV -> write-back of the new K/V row -> wait for this layer's rows -> attention ->
+output projection -> norm -> MLP; then final norm and LM head. Spans are `spec.ops.Op`s; the output
+projection and the MLP are both `Op.FFN`, the op the cost model prices as W_O + MLP. Greedy
+decoding, or teacher forcing on given tokens. The engine never writes the model's parameters.
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from infinigen_sim.models import ModelSpec
-from infinigen_sim.policies import PolicyConfig, PolicyName
+from infinigen_sim.spec.models import ModelSpec
+from infinigen_sim.spec.ops import Op
+from infinigen_sim.spec.policies import PolicyConfig, PolicyName
 from profiler.runtime.h2o import HeavyHitterCache
 from profiler.runtime.infinigen import InfiniGenCache
 from profiler.runtime.kv_cache import DeviceCache, KVCache, OffloadedCache, Runtime
 from profiler.runtime.model import Transformer, build_model, prefill_attention
 from profiler.runtime.quant import QuantizedCache
-from profiler.runtime.timing import MODEL_LAYER, Phase, PhaseTimer, StepRecord
+from profiler.runtime.timing import MODEL_LAYER, PhaseTimer, StepRecord
 from profiler.runtime.transfer import Copier
 
 CACHES: dict[PolicyName, type[KVCache]] = {
@@ -59,6 +62,11 @@ class GenerationResult:
     @property
     def decode_s(self) -> float:
         return sum(s.wall_s for s in self.steps)
+
+    def fetched_fraction(self, first_layer: int = 0) -> float:
+        """Rows fetched / cached rows, the mean over decode steps and layers >= first_layer (0 without steps)."""
+        ratios = [s.fetched[i] / s.context_len for s in self.steps for i in range(first_layer, len(s.fetched))]
+        return sum(ratios) / len(ratios) if ratios else 0.0
 
 
 class Engine:
@@ -138,7 +146,7 @@ class Engine:
     def prefill(self, prompt_ids: Tensor) -> tuple[Tensor, list[int]]:
         """The prompt through every layer, its K/V into the cache -> last position's logits (B, vocab)."""
         input_pos = torch.arange(prompt_ids.shape[1], device=self.device)
-        with self.timer.span(Phase.EMBED, MODEL_LAYER):
+        with self.timer.span(Op.EMBED, MODEL_LAYER):
             x = self.model.embed(prompt_ids, input_pos)
         for layer in range(self.spec.n_layers):
             x = self.prefill_layer(layer, x, input_pos)
@@ -147,19 +155,19 @@ class Engine:
 
     def prefill_layer(self, layer: int, x: Tensor, input_pos: Tensor) -> Tensor:
         block = self.model.layers[layer]
-        with self.timer.span(Phase.NORM, layer):
+        with self.timer.span(Op.NORM, layer):
             a = block.input_layernorm(x)
-        with self.timer.span(Phase.QKV, layer):
+        with self.timer.span(Op.QKV, layer):
             q, k, v = self.model.qkv(layer, a, input_pos)  # (B, T, H|Hkv, D)
         self.cache.store_prompt(layer, q, k, v)
-        with self.timer.span(Phase.ATTENTION, layer):
+        with self.timer.span(Op.ATTENTION, layer):
             o = prefill_attention(q, k, v)
         return self._finish_layer(layer, x, o)
 
     def decode_one_token(self, token: Tensor, pos: int) -> tuple[Tensor, list[int]]:
         """One new token (B, 1) at position `pos` (= tokens cached) -> logits (B, vocab), rows fetched."""
         input_pos = torch.tensor([pos], device=self.device)
-        with self.timer.span(Phase.EMBED, MODEL_LAYER):
+        with self.timer.span(Op.EMBED, MODEL_LAYER):
             x = self.model.embed(token, input_pos)
         self.cache.begin_step(pos)
         for layer in range(self.spec.n_layers):
@@ -169,28 +177,29 @@ class Engine:
 
     def decode_layer(self, layer: int, x: Tensor, input_pos: Tensor) -> Tensor:
         block = self.model.layers[layer]
-        with self.timer.span(Phase.NORM, layer):
+        with self.timer.span(Op.NORM, layer):
             a = block.input_layernorm(x)
         self.cache.before_layer(layer, a, input_pos)
-        with self.timer.span(Phase.QKV, layer):
+        with self.timer.span(Op.QKV, layer):
             q, k, v = self.model.qkv(layer, a, input_pos)  # (B, 1, H|Hkv, D)
         self.cache.write_back(layer, k, v)
         o = self.cache.attend(layer, q, k, v)
         return self._finish_layer(layer, x, o)
 
     def _finish_layer(self, layer: int, x: Tensor, o: Tensor) -> Tensor:
+        """After attention: output projection and MLP, both timed as `Op.FFN` (two spans, one op)."""
         block = self.model.layers[layer]
-        with self.timer.span(Phase.O_PROJ, layer):
+        with self.timer.span(Op.FFN, layer):
             x = x + block.self_attn.o_proj(o)
-        with self.timer.span(Phase.NORM, layer):
+        with self.timer.span(Op.NORM, layer):
             h = block.post_attention_layernorm(x)
-        with self.timer.span(Phase.FFN, layer):
+        with self.timer.span(Op.FFN, layer):
             return x + block.mlp(h)
 
     def _logits(self, h: Tensor) -> Tensor:
-        with self.timer.span(Phase.NORM, MODEL_LAYER):
+        with self.timer.span(Op.NORM, MODEL_LAYER):
             h = self.model.norm(h)
-        with self.timer.span(Phase.LM_HEAD, MODEL_LAYER):
+        with self.timer.span(Op.LM_HEAD, MODEL_LAYER):
             return self.model.lm_head_logits(h).float()
 
     def close(self) -> None:

@@ -1,7 +1,7 @@
 """`h2o`: heavy hitters + recent tokens within a fixed budget, held in host memory (Zhang et al. 2023).
 
-Per (sequence, KV head) the cache keeps at most heavy + recent rows (policies.h2o_budget, fixed from
-the prompt length). Each token's score is its accumulated attention probability, summed over every
+Per (sequence, KV head) the cache keeps at most heavy + recent rows (spec.policies.h2o_budget, fixed
+from the prompt length). Each token's score is its accumulated attention probability, summed over every
 query so far and over the query heads sharing the KV head. At prefill the prompt's scores come from
 its causal attention and the kept set is the `recent` last tokens plus the `heavy` best-scoring
 others. Each decode step fetches the kept rows (a contiguous prefix, no gather), attends over them
@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from infinigen_sim.policies import h2o_budget
+from infinigen_sim.spec.ops import Op
+from infinigen_sim.spec.policies import h2o_budget
 from profiler.runtime.kv_cache import OffloadedCache, take_rows
 from profiler.runtime.model import prompt_attention_mass
-from profiler.runtime.timing import Phase
 
 
 def select_heavy_recent(mass: Tensor, heavy: int, recent: int) -> Tensor:
@@ -58,7 +58,7 @@ class HeavyHitterCache(OffloadedCache):
 
     def store_prompt(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> None:
         B, T, Hkv, _ = k.shape
-        with self.timer.span(Phase.SCORE, layer):
+        with self.timer.span(Op.SCORE, layer):
             mass = prompt_attention_mass(q, k)  # (B, Hkv, T)
             if T <= self.budget:
                 keep = torch.arange(T, device=k.device).expand(B, Hkv, T)
@@ -79,7 +79,7 @@ class HeavyHitterCache(OffloadedCache):
         assert probs is not None
         new_pos = self.context_len
         score, pos = self.score[layer], self.pos[layer]  # (B, Hkv, budget + 1)
-        with self.timer.span(Phase.SCORE, layer):
+        with self.timer.span(Op.SCORE, layer):
             score[..., n], pos[..., n] = 0.0, new_pos
             score[..., : n + 1] += probs.float().sum(dim=2)  # (B, Hkv, G, n+1) -> the KV head's share
             if n + 1 > self.budget:

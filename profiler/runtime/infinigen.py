@@ -1,10 +1,11 @@
 """`infinigen`: speculate, gather and prefetch only the important K/V rows (Lee et al., OSDI 2024).
 
-Prefill skews every speculated layer (skew.py) and keeps its partial K cache on the device. At the
+Prefill skews every speculated layer (skew.py: kept beside the model, whose weights it never writes;
+the host cache keeps plain K) and keeps its partial K cache on the device. At the
 start of decode layer i-1 the engine hands this cache layer i-1's attention input; `plan_fetch`
 speculates layer i with it (partial Q x partial K^T, count above max - alpha, top-k per KV head),
 sends the indices and the count to the host (small D2H), and the copy worker turns the count into
-a row count through policies.infinigen_fetch_count, gathers exactly those rows into a staging
+a row count through spec.policies.infinigen_fetch_count, gathers exactly those rows into a staging
 buffer (pinned on CUDA) and copies them to the device on the copy stream; layer i's attention waits
 on that event. Layers < full_fetch_layers fetch everything, unspeculated.
 
@@ -24,11 +25,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from infinigen_sim.policies import infinigen_cap, infinigen_fetch_count
+from infinigen_sim.spec.ops import Op
+from infinigen_sim.spec.policies import infinigen_cap, infinigen_fetch_count
 from profiler.runtime.kv_cache import OffloadedCache, Planes, take_rows
 from profiler.runtime.model import prompt_attention_mass
 from profiler.runtime.skew import SKEW, count_above, partial_column_count, speculation_scores
-from profiler.runtime.timing import Phase
 from profiler.runtime.transfer import Event, FetchResult
 
 
@@ -127,10 +128,10 @@ class InfiniGenCache(OffloadedCache):
         B, T, Hkv, _ = k.shape
         keep = torch.arange(T, device=k.device).expand(B, Hkv, T)
         if T > self.host_rows:  # a bounded pool smaller than the prompt keeps its most attended rows
-            with self.timer.span(Phase.SCORE, layer):
+            with self.timer.span(Op.SCORE, layer):
                 keep = prompt_attention_mass(q, k).topk(self.host_rows, dim=-1).indices.sort(-1).values
         if layer in self.speculated:
-            with self.timer.span(Phase.SKEW, layer):
+            with self.timer.span(Op.SKEW, layer):
                 k, partial_k = self.skew.prepare(layer, q, k)  # (B, T, Hkv, D), (B, T, Hkv, d')
                 m = keep.shape[-1]
                 self.partial_k_cache[layer][:, :, :m] = take_rows(partial_k, keep).permute(1, 2, 0, 3)
@@ -147,12 +148,12 @@ class InfiniGenCache(OffloadedCache):
             return None
         self._apply_pending(layer)
         n = self.entries[layer]
-        with self.timer.span(Phase.SPECULATE, layer):
+        with self.timer.span(Op.SPECULATE, layer):
             q_part = self.skew.query(layer, a, input_pos)  # (B, Hkv, G, d')
             scores = speculation_scores(q_part, self.partial_k_cache[layer][:, :, :n], self.spec.head_dim)
             selected = count_above(scores, self.policy.alpha)
         cap = infinigen_cap(self.policy, n)
-        with self.timer.span(Phase.TOPK, layer):
+        with self.timer.span(Op.TOPK, layer):
             index = scores.topk(cap, dim=-1).indices  # (B, Hkv, cap), sorted by score
         index_host = self.index_host[layer][: index.numel()].view(index.shape)
         pairs = [(index_host, index), (self.selected_host[layer], selected.view(1))]
@@ -171,7 +172,7 @@ class InfiniGenCache(OffloadedCache):
         index = plan.index[..., :rows]  # top-`rows` = the first `rows` of the sorted top-cap
         parity = layer % 2
         self.copier.host_wait(self.staging_free[parity])  # its last H2D must have read the staging buffer
-        with self.timer.span(Phase.GATHER, layer, host=True):
+        with self.timer.span(Op.GATHER, layer, host=True):
             self.host[layer].gather(index, self.staging[parity])
         if self.pool is not None:
             self.pool.touch(layer, index)
@@ -196,7 +197,7 @@ class InfiniGenCache(OffloadedCache):
         super().write_back(layer, k, v)
         if layer not in self.speculated:
             return
-        with self.timer.span(Phase.SPECULATE, layer):
+        with self.timer.span(Op.SPECULATE, layer):
             partial_k = self.skew.partial_k(layer, k).transpose(1, 2)  # (B, 1, Hkv, d') -> (B, Hkv, 1, d')
             if self.pool is None:  # the partial K cache grows with every token, in step with the host rows
                 self.partial_k_cache[layer][:, :, self.entries[layer] - 1] = partial_k[:, :, 0]

@@ -6,7 +6,7 @@ are allocated by `allocate`, apart from model construction (gpt-fast's setup_cac
 
 Per decode step the engine calls begin_step, then for each layer before_layer (right after the
 layer's input norm), write_back (after QKV) and attend, then end_step: the schedule in
-infinigen_sim.policies. Offloaded caches fetch a layer's rows on the copy worker: with overlap on,
+infinigen_sim.spec.policies. Offloaded caches fetch a layer's rows on the copy worker: with overlap on,
 layer i+1's fetch is issued at the start of layer i; with it off, at the start of layer i itself.
 """
 
@@ -19,10 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from infinigen_sim.models import ModelSpec
-from infinigen_sim.policies import PolicyConfig
+from infinigen_sim.spec.models import ModelSpec
+from infinigen_sim.spec.ops import Op
+from infinigen_sim.spec.policies import PolicyConfig
 from profiler.runtime.model import Transformer, decode_attention
-from profiler.runtime.timing import Phase, PhaseTimer
+from profiler.runtime.timing import PhaseTimer
 from profiler.runtime.transfer import Copier, Event, FetchResult
 
 RowSpec = tuple[tuple[int, ...], torch.dtype]  # the shape of one token's row in a plane, and its dtype
@@ -155,7 +156,7 @@ class DeviceCache(KVCache):
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         n = self.context_len
         k_rows, v_rows = self.kv[layer].t
-        with self.timer.span(Phase.ATTENTION, layer):
+        with self.timer.span(Op.ATTENTION, layer):
             k_rows[n], v_rows[n] = k[:, 0], v[:, 0]
             out, _ = decode_attention(q[:, 0], k_rows[: n + 1], v_rows[: n + 1])
         return out.unsqueeze(1)
@@ -254,7 +255,7 @@ class OffloadedCache(KVCache):
     def _commit_job(self, layer: int, slot: int | Tensor, written: Event) -> int | Tensor:
         """Worker: file the written-back row into the host cache."""
         self.copier.host_wait(written)  # the row must have landed in the staging buffer
-        with self.timer.span(Phase.COMMIT, layer, host=True):
+        with self.timer.span(Op.COMMIT, layer, host=True):
             self.host[layer].write(slot, self.staged[layer].t)
         return slot
 
@@ -262,7 +263,7 @@ class OffloadedCache(KVCache):
         fetched = self.copier.device_wait(layer, self.fetches.pop(layer))
         n = self.fetched[layer] = fetched.rows
         k_rows, v_rows = self._decode(layer, fetched)
-        with self.timer.span(Phase.ATTENTION, layer):
+        with self.timer.span(Op.ATTENTION, layer):
             k_rows[n], v_rows[n] = k[:, 0], v[:, 0]  # the new token's row beside the fetched ones
             out, probs = decode_attention(q[:, 0], k_rows[: n + 1], v_rows[: n + 1], self.needs_probs)
         self.buf_free[layer % 2] = self.copier.compute_mark()

@@ -2,8 +2,8 @@
 
 Module names are the Llama Hugging Face keys without the `model.` prefix (`layers.N.self_attn.
 q_proj`, `mlp.gate_proj`, `input_layernorm`, `norm`, `lm_head`), so loading a checkpoint is a
-rename (checkpoint.py). OPT differs only in its parts, chosen by family: LayerNorm, learned
-positions with offset 2 (`embed_positions`), a ReLU `fc1`/`fc2` MLP, biases everywhere.
+rename (profiler/weights/checkpoint.py). OPT differs only in its parts, chosen by family: LayerNorm,
+learned positions with offset 2 (`embed_positions`), a ReLU `fc1`/`fc2` MLP, biases everywhere.
 
 The model holds weights and per-op functions; which K/V rows attention reads is the KV cache's
 job (kv_cache.py). Cached K/V rows are token-major (S, B, Hkv, D) as in FlexGen.
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from infinigen_sim.models import Family, ModelSpec
+from infinigen_sim.spec.models import Family, ModelSpec
 
 
 class RMSNorm(nn.Module):

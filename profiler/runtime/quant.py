@@ -4,7 +4,7 @@ A token's K (or V) row of one sequence, kv_dim = Hkv * D elements, is cut into g
 `quant_group` (64) contiguous elements; each group keeps an fp16 scale and zero point (its min) and
 `quant_bits`-bit codes packed 8 / bits to a byte. The host holds only codes, scales and zeros; the
 new token's row is quantised on the device before its D2H, and fetched rows are dequantised on the
-device before attention (policies.stored_bytes_per_token counts exactly these bytes).
+device before attention (spec.policies.stored_bytes_per_token counts exactly these bytes).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from infinigen_sim.spec.ops import Op
 from profiler.runtime.kv_cache import OffloadedCache, Planes, RowSpec
-from profiler.runtime.timing import Phase
 from profiler.runtime.transfer import FetchResult
 
 
@@ -78,7 +78,7 @@ class QuantizedCache(OffloadedCache):
 
     def _encode(self, layer: int, k_rows: Tensor, v_rows: Tensor) -> tuple[Tensor, ...]:
         p = self.policy
-        with self.timer.span(Phase.QUANTIZE, layer):
+        with self.timer.span(Op.QUANTIZE, layer):
             m, B = k_rows.shape[:2]
             k_q = quantize(k_rows.reshape(m, B, -1), p.quant_bits, p.quant_group)  # (m, B, kv_dim)
             v_q = quantize(v_rows.reshape(m, B, -1), p.quant_bits, p.quant_group)
@@ -87,7 +87,7 @@ class QuantizedCache(OffloadedCache):
     def _decode(self, layer: int, fetched: FetchResult) -> tuple[Tensor, Tensor]:
         p, n = self.policy, fetched.rows
         out = self.kv_bufs[layer % 2].t
-        with self.timer.span(Phase.DEQUANTIZE, layer):
+        with self.timer.span(Op.DEQUANTIZE, layer):
             for dst, (codes, scale, zero) in zip(out, (fetched.planes[:3], fetched.planes[3:]), strict=True):
                 B = codes.shape[1]
                 dequantize(codes[:n], scale[:n], zero[:n], self.spec.kv_dim, p.quant_bits, p.quant_group,

@@ -6,11 +6,14 @@ columns. The partial weight index keeps the `partial_ratio` columns with the lar
 sum |Q~| + |K~| over the prompt. Speculation of layer i scores the cached tokens with those
 columns only: partial Q(i) x partial K(i)^T / sqrt(D).
 
-OPT folds A into W_Q and W_K (and their biases), so the cached K is already skewed and partial W_Q is
-a row slice of W_Q (`FoldedSkew`). Llama's RoPE sits between the projection and the dot product, so
-A cannot be folded: it is applied to post-RoPE q/k inside speculation only, the cache keeps plain
-K, and the speculative query needs the full W_Q projection (`RotarySkew`; InfiniGen's own Llama
-code does the same).
+The model's weights are never written, and the KV cache keeps plain K in both families: per layer a
+skew object keeps A restricted to the kept columns, `skew_cols` (Hkv, D, d'), beside the model, and
+the partial K of a token is k @ skew_cols per KV head. The families differ in the speculative query:
+OPT has nothing between the projection and the dot product, so A's kept columns fold into a partial
+copy of W_Q (and its bias), (A_cols^T W_Q) per head, and speculation computes only the d' columns
+with one small linear (`FoldedSkew`). Llama's RoPE sits between the projection and the dot product,
+so A cannot be folded: the speculative query is the full W_Q projection + RoPE, then skewed
+(`RotarySkew`; InfiniGen's own Llama code does the same).
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from infinigen_sim.models import Family
-from infinigen_sim.policies import PolicyConfig
-from profiler.runtime.model import SelfAttention, Transformer
+from infinigen_sim.spec.models import Family
+from infinigen_sim.spec.policies import PolicyConfig
+from profiler.runtime.model import Transformer
 
 
 def skew_matrices(q: Tensor, n_kv_heads: int) -> Tensor:
@@ -61,76 +65,71 @@ def select_columns(t: Tensor, cols: Tensor) -> Tensor:
 
 
 def partial_column_count(policy: PolicyConfig, head_dim: int) -> int:
-    """Columns kept per head: ceil(partial_ratio * D), as policies.kv_memory counts them."""
+    """Columns kept per head: ceil(partial_ratio * D), as spec.policies.kv_memory counts them."""
     return min(head_dim, max(1, math.ceil(policy.partial_ratio * head_dim)))
 
 
-def fold_skew(attn: SelfAttention, A: Tensor) -> None:
-    """W_Q and W_K rows of each head (and biases) <- A^T W, in float64, in place."""
-    Hkv, D, _ = A.shape
-    with torch.no_grad():
-        for proj in (attn.q_proj, attn.k_proj):
-            w = proj.weight.double().view(Hkv, -1, D, proj.weight.shape[1])  # (Hkv, G, D, d)
-            proj.weight.copy_(torch.einsum("jde,jgdi->jgei", A, w).reshape(proj.weight.shape))
-            if proj.bias is not None:
-                b = proj.bias.double().view(Hkv, -1, D)  # (Hkv, G, D)
-                proj.bias.copy_(torch.einsum("jde,jgd->jge", A, b).reshape(proj.bias.shape))
-
-
-class FoldedSkew:
-    """OPT: A folded into the weights; partial W_Q (and bias) are row slices of the folded W_Q."""
-
-    def __init__(self, model: Transformer, n_cols: int) -> None:
-        self.model, self.n_cols = model, n_cols
-        self.cols: dict[int, Tensor] = {}
-        self.partial_wq: dict[int, Tensor] = {}  # (H*d', d)
-        self.partial_bq: dict[int, Tensor | None] = {}
-
-    def prepare(self, layer: int, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        """Prefill: skew layer `layer` -> (K to cache (B, T, Hkv, D), partial K (B, T, Hkv, d'))."""
-        attn = self.model.layers[layer].self_attn
-        A = skew_matrices(q, attn.n_kv_heads)
-        fold_skew(attn, A)
-        q_s, k_s = apply_skew(q.double(), A), apply_skew(k.double(), A)
-        cols = self.cols[layer] = partial_columns(q_s, k_s, self.n_cols).to(q.device)
-        Hkv, n = cols.shape
-        w = attn.q_proj.weight.view(Hkv, -1, attn.head_dim, attn.q_proj.weight.shape[1])  # (Hkv, G, D, d)
-        self.partial_wq[layer] = w.gather(2, cols[:, None, :, None].expand(Hkv, w.shape[1], n, w.shape[3]))
-        self.partial_wq[layer] = self.partial_wq[layer].reshape(-1, w.shape[3]).contiguous()
-        bias = attn.q_proj.bias
-        self.partial_bq[layer] = None if bias is None else bias.view(Hkv, -1, attn.head_dim).gather(
-            2, cols[:, None, :].expand(Hkv, w.shape[1], n)).reshape(-1).contiguous()
-        k_s = k_s.to(k.dtype)
-        return k_s, select_columns(k_s, cols)
-
-    def partial_k(self, layer: int, k: Tensor) -> Tensor:
-        """The new token's partial K: k (B, 1, Hkv, D) is already skewed by the folded W_K."""
-        return select_columns(k, self.cols[layer])
-
-    def query(self, layer: int, a: Tensor, input_pos: Tensor) -> Tensor:
-        """Partial query of layer `layer` from a (B, 1, d) -> (B, Hkv, G, d')."""
-        B = a.shape[0]
-        Hkv = self.cols[layer].shape[0]
-        q = torch.nn.functional.linear(a, self.partial_wq[layer], self.partial_bq[layer])  # (B, 1, H*d')
-        return q.view(B, Hkv, -1, self.n_cols)
-
-
-class RotarySkew:
-    """Llama: A applied to post-RoPE q/k in the speculation path; the cache keeps plain K."""
+class Skew:
+    """The skewing of every speculated layer, kept beside the model: A's kept columns per KV head."""
 
     def __init__(self, model: Transformer, n_cols: int) -> None:
         self.model, self.n_cols = model, n_cols
         self.skew_cols: dict[int, Tensor] = {}  # A restricted to the kept columns, (Hkv, D, d')
 
     def prepare(self, layer: int, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        A = skew_matrices(q, k.shape[2])
+        """Prefill: skew layer `layer` from q (B, T, H, D), k (B, T, Hkv, D) -> (K to cache, unchanged,
+        partial K (B, T, Hkv, d'))."""
+        A = skew_matrices(q, k.shape[2])  # (Hkv, D, D) float64
         cols = partial_columns(apply_skew(q.double(), A), apply_skew(k.double(), A), self.n_cols)
         Hkv, D, _ = A.shape
-        self.skew_cols[layer] = A.gather(-1, cols[:, None, :].expand(Hkv, D, self.n_cols)).to(q.device, q.dtype)
+        A_cols = A.gather(-1, cols[:, None, :].expand(Hkv, D, self.n_cols))  # (Hkv, D, d')
+        self.skew_cols[layer] = A_cols.to(q.device, q.dtype)
+        self.fold(layer, A_cols)
         return k, self.partial_k(layer, k)
 
+    def fold(self, layer: int, A_cols: Tensor) -> None:
+        """What the family keeps of layer `layer`'s skew besides `skew_cols` (A_cols float64)."""
+
     def partial_k(self, layer: int, k: Tensor) -> Tensor:
-        return apply_skew(k, self.skew_cols[layer])  # (B, T, Hkv, d')
+        """k (B, T, Hkv, D) -> its kept skewed columns (B, T, Hkv, d')."""
+        return apply_skew(k, self.skew_cols[layer])
+
+    def query(self, layer: int, a: Tensor, input_pos: Tensor) -> Tensor:
+        """Partial query of layer `layer` from its attention input a (B, 1, d) -> (B, Hkv, G, d')."""
+        raise NotImplementedError
+
+
+class FoldedSkew(Skew):
+    """OPT: A's kept columns folded into a partial W_Q (and bias) of H*d' rows, beside the model."""
+
+    def __init__(self, model: Transformer, n_cols: int) -> None:
+        super().__init__(model, n_cols)
+        self.partial_wq: dict[int, Tensor] = {}  # (H*d', d): per head h of KV head j, A_cols[j]^T W_Q[h]
+        self.partial_bq: dict[int, Tensor | None] = {}  # (H*d',)
+
+    def fold(self, layer: int, A_cols: Tensor) -> None:
+        proj = self.model.layers[layer].self_attn.q_proj
+        Hkv, D, _ = A_cols.shape
+        with torch.no_grad():  # reads W_Q, writes only the copy
+            w = proj.weight.double().view(Hkv, -1, D, proj.weight.shape[1])  # (Hkv, G, D, d)
+            partial = torch.einsum("jde,jgdi->jgei", A_cols, w).reshape(-1, w.shape[-1])  # (H*d', d)
+            self.partial_wq[layer] = partial.to(proj.weight.dtype).contiguous()
+            bias = None
+            if proj.bias is not None:
+                b = proj.bias.double().view(Hkv, -1, D)  # (Hkv, G, D)
+                bias = torch.einsum("jde,jgd->jge", A_cols, b).reshape(-1).to(proj.bias.dtype)
+            self.partial_bq[layer] = bias
+
+    def query(self, layer: int, a: Tensor, input_pos: Tensor) -> Tensor:
+        """Only the d' kept columns of the skewed query, in one small linear."""
+        B = a.shape[0]
+        Hkv = self.skew_cols[layer].shape[0]
+        q = F.linear(a, self.partial_wq[layer], self.partial_bq[layer])  # (B, 1, H*d')
+        return q.view(B, Hkv, -1, self.n_cols)
+
+
+class RotarySkew(Skew):
+    """Llama: A applied to the post-RoPE query in the speculation path (RoPE forbids folding)."""
 
     def query(self, layer: int, a: Tensor, input_pos: Tensor) -> Tensor:
         """Full W_Q projection + RoPE at the new token's position, then the kept skewed columns."""

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from profiler.runtime.timing import Phase, PhaseTimer
+from infinigen_sim.spec.ops import Op
+from profiler.runtime.timing import PhaseTimer
 
 Event = Any  # torch.cuda.Event on CUDA, None on CPU (the future is the event)
 
@@ -63,14 +64,14 @@ class Copier:
     def h2d(self, layer: int, pairs: Iterable[tuple[Tensor, Tensor]], after: Event = None) -> Event:
         """Copy (device dst, host src) pairs; returns the event attention waits on."""
         if not self.cuda:
-            with self.timer.span(Phase.H2D, layer):
+            with self.timer.span(Op.H2D, layer):
                 for dst, src in pairs:
                     dst.copy_(src)
             return None
         with torch.cuda.stream(self.h2d_stream):
             if after is not None:
                 self.h2d_stream.wait_event(after)  # the buffer is free only once attention stopped reading it
-            with self.timer.span(Phase.H2D, layer):
+            with self.timer.span(Op.H2D, layer):
                 for dst, src in pairs:
                     dst.copy_(src, non_blocking=True)
             done = torch.cuda.Event()
@@ -80,13 +81,13 @@ class Copier:
     def d2h(self, layer: int, pairs: Iterable[tuple[Tensor, Tensor]]) -> Event:
         """Copy (host dst, device src) pairs; returns the event host readers synchronise on."""
         if not self.cuda:
-            with self.timer.span(Phase.D2H, layer):
+            with self.timer.span(Op.D2H, layer):
                 for dst, src in pairs:
                     dst.copy_(src)
             return None
         self.d2h_stream.wait_stream(torch.cuda.current_stream())  # the rows are produced on the compute stream
         with torch.cuda.stream(self.d2h_stream):
-            with self.timer.span(Phase.D2H, layer):
+            with self.timer.span(Op.D2H, layer):
                 for dst, src in pairs:
                     dst.copy_(src, non_blocking=True)
                     src.record_stream(self.d2h_stream)  # keep src alive until this stream has copied it
@@ -109,7 +110,7 @@ class Copier:
 
     def device_wait(self, layer: int, fetch: Future) -> FetchResult:
         """Make compute wait for a fetch: its host work on this thread, its copy on the stream."""
-        with self.timer.span(Phase.WAIT, layer, host=True):
+        with self.timer.span(Op.WAIT, layer, host=True):
             result: FetchResult = fetch.result()
         if result.event is not None:
             torch.cuda.current_stream().wait_event(result.event)  # attention must not read rows still in flight

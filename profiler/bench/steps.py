@@ -9,11 +9,11 @@ run. Each run first does one untimed generation (allocator, kernels and copy wor
 every run, then the next round), so that a slow spell of a shared box lands on one repeat of many
 runs rather than on every repeat of one; every row is the median over the repeats (the wall of a
 step, the prefill, each phase; the fetched rows too). Python's garbage collector is paused while a
-generation is timed (`kernel_passes.gc_paused`, as timeit does).
-The model is built once per zoo entry and shared by its runs; InfiniGen runs go last in a round
-because the InfiniGen cache folds its skew into the shared weights, so the first round of the other
-policies sees the weights as built (later rounds see them rotated: attention-preserving, the same
-shapes and work, so timings are not affected).
+generation is timed (`stats.gc_paused`, as timeit does).
+The model is built once per zoo entry and shared by its runs: no policy writes the weights (InfiniGen
+keeps its skew beside the model), so every run sees the weights as built whatever ran before it, and
+the runs go in the order the policies are given (ideal first: the yardstick, then the offloaded ones).
+Op names are `infinigen_sim.spec.ops.Op` values: the engine's spans summed per (layer, op).
 """
 
 from __future__ import annotations
@@ -21,15 +21,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
-from itertools import groupby
 
 import numpy as np
 import torch
 
-from infinigen_sim.bundle import STEP_KEY, row_key
-from infinigen_sim.models import ModelSpec
-from infinigen_sim.policies import PolicyConfig, make_policy
-from profiler.kernel_passes import gc_paused
+from infinigen_sim.spec.bundle import STEP_KEY, row_key
+from infinigen_sim.spec.models import ModelSpec
+from infinigen_sim.spec.policies import PolicyConfig, make_policy
+from profiler.bench.stats import gc_paused
 from profiler.runtime.engine import Engine, default_dtype
 from profiler.runtime.model import Transformer, build_model
 from profiler.runtime.timing import MODEL_LAYER, StepRecord
@@ -48,7 +47,7 @@ class StepGrid:
     repeats: int = 3  # recorded generations per run; rows are their medians
 
 
-# Every point inside the kernel grid of the same device and mode (profiler.kernels.GRIDS).
+# Every point inside the kernel grid of the same device and mode (kernels.GRIDS).
 STEP_GRIDS = {
     ("cuda", False): StepGrid((1, 8), (512, 1536), 32, 3),
     ("cuda", True): StepGrid((1, 8), (512,), 8, 3),
@@ -80,10 +79,9 @@ class StepRun:
 
 
 def step_runs(models: list[ModelSpec], policies: list[str], grid: StepGrid) -> list[StepRun]:
-    """Runs that fit each model's position table, InfiniGen last within a model."""
-    order = sorted(policies, key=lambda p: p == "infinigen")
+    """Runs that fit each model's position table, the policies in the order given."""
     return [StepRun(spec.name, policy, b, prompt, grid.gen_len)
-            for spec in models for policy in order for b in grid.batches for prompt in grid.prompt_lens
+            for spec in models for policy in policies for b in grid.batches for prompt in grid.prompt_lens
             if prompt + grid.gen_len <= spec.max_positions]
 
 
@@ -93,8 +91,8 @@ def record_rows(run: StepRun, policy: PolicyConfig, phase: str, record: StepReco
             "prompt_len": run.prompt_len, "gen_len": run.gen_len, "alpha": policy.alpha,
             "overlap": policy.overlap, "phase": phase, "step": record.step, "context_len": record.context_len}
     rows = [{**base, "layer": MODEL_LAYER, "op": op, "seconds": s, "fetched_tokens": 0}
-            for op, s in record.model_phase_s.items()]
-    for layer, phases in enumerate(record.layer_phase_s):
+            for op, s in record.model_op_s.items()]
+    for layer, phases in enumerate(record.layer_op_s):
         rows += [{**base, "layer": layer, "op": op, "seconds": s, "fetched_tokens": record.fetched[layer]}
                  for op, s in phases.items()]
     rows.append({**base, "layer": MODEL_LAYER, "op": WALL_OP, "seconds": record.wall_s,
@@ -118,18 +116,14 @@ class StepBench:
             self._model = (name, built)
         return self._model[1]
 
-    def measure(self, run: StepRun) -> list[dict]:
-        """One run: warm-up generation, then the recorded ones; prefill and every decode step."""
-        return next(self.measure_runs([run]))[1]
-
     def measure_runs(self, runs: list[StepRun]) -> Iterator[tuple[StepRun, list[dict]]]:
         """(run, rows) for every run, in rounds per group (a model; on CUDA a model, batch and prompt,
         so that the group's caches fit); a group's runs are yielded once its last round has run."""
-        def group(run: StepRun) -> tuple:
-            return (run.model,) if self.device.type == "cpu" else (run.model, run.batch_size, run.prompt_len)
-
-        for _, members in groupby(runs, key=group):
-            members = list(members)
+        groups: dict[tuple, list[StepRun]] = {}  # in order of first appearance
+        for run in runs:
+            key = (run.model,) if self.device.type == "cpu" else (run.model, run.batch_size, run.prompt_len)
+            groups.setdefault(key, []).append(run)
+        for members in groups.values():
             results: dict[StepRun, list] = {run: [] for run in members}
             with ExitStack() as stack:
                 engines, prompts = {}, {}

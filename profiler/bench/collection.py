@@ -1,0 +1,254 @@
+"""One collection of a profile bundle: what it measures (`Plan`) and the passes that write its tables.
+
+`collect(plan)` writes meta.yaml first (so an interrupted bundle still says what it is), then the copy
+sweep (`transfers`) and, model by model, the op sweep (`kernels`) and the end-to-end runs (`steps`) -
+a model's runs right after its ops, one state of a shared box - and last the fetch pass (`fetch`),
+each appending rows through `spec.bundle.append_rows` as they complete. With `plan.resume` rows whose
+key is already in the bundle are skipped, so a killed run loses nothing and duplicates nothing. It
+ends by reading the bundle back and returning a summary with roofline figures. `python -m
+profiler.collect` turns flags into a Plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from infinigen_sim.spec.bundle import (
+    FETCH_COLUMNS,
+    FETCH_KEY,
+    KERNEL_COLUMNS,
+    KERNEL_KEY,
+    STEP_COLUMNS,
+    STEP_KEY,
+    TRANSFER_COLUMNS,
+    TRANSFER_KEY,
+    append_rows,
+    done_keys,
+    read_bundle,
+    row_key,
+    write_meta,
+)
+from infinigen_sim.spec.models import ModelSpec, get_model
+from infinigen_sim.spec.policies import make_policy
+from profiler.bench import kernels, steps, transfers
+from profiler.bench.fetch import FetchBench, FetchPass
+from profiler.bench.fetch import summary_lines as fetch_lines
+from profiler.bench.host import collect_meta, load_average, utc_now
+from profiler.bench.kernels import GRIDS, KernelBench, dtype_name, kernel_tasks
+from profiler.bench.steps import STEP_GRIDS, StepBench, StepRun, step_runs
+from profiler.bench.transfer_grid import BATCH_SEQS, REFERENCE_MODEL, infinigen_row_bytes, make_sweep, transfer_points
+from profiler.bench.transfers import TransferBench, load_description
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated configuration: what this collection measures, where it writes."""
+
+    device: torch.device
+    models: tuple[ModelSpec, ...]
+    policies: tuple[str, ...]
+    out: Path
+    quick: bool
+    resume: bool
+    repeats: int
+    warmup: int
+    seed: int
+    threads: int
+    fetch: FetchPass | None = None
+    fetch_only: bool = False
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What decides the numbers; a resumed bundle must have been collected with the same."""
+        return {"device_type": self.device.type, "models": [m.name for m in self.models], "quick": self.quick,
+                "repeats": self.repeats, "warmup": self.warmup, "seed": self.seed, "threads": self.threads}
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def plan_meta(plan: Plan) -> dict[str, Any]:
+    """meta.yaml: what this collection measures and how."""
+    sweep = make_sweep(plan.device, list(plan.models), plan.quick)
+    cuda = plan.device.type == "cuda"
+    pinned = "measured" if cuda else "not measured: no CUDA device (the CPU runtime copies between pageable tensors)"
+    return {
+        "settings": plan.settings,
+        "repeats": {"timed": plan.repeats, "warmup": plan.warmup, "summary": "median, p10, p90"},
+        "transfers": {
+            "memory": list(sweep.memories), "pinned": pinned,
+            "sizes_bytes": {"min": sweep.min_bytes, "max": sweep.max_bytes, "spacing": "octave"},
+            "row_bytes": list(sweep.row_bytes),
+            "infinigen_row_bytes": infinigen_row_bytes(),
+            "infinigen_row": f"one token's K or V row of one layer of {REFERENCE_MODEL} in fp16",
+            "batch_strided_sequences": BATCH_SEQS, "gather_pool_bytes": sweep.pool_bytes,
+            "concurrent_load": load_description(plan.device),
+            "handoff_model": sweep.handoff_model.name if sweep.handoff_model else "none (copy engines: no handoff)",
+            "timing": "CUDA events on the copy stream; host gather by perf_counter" if cuda
+            else "perf_counter on the worker thread that copies (host tensor -> host tensor memcpy)",
+        },
+        "kernels": {
+            "dtype": dtype_name(plan.device),
+            "grid": _plain(asdict(GRIDS[(plan.device.type, plan.quick)])),
+            **kernels.describe(plan.device, list(plan.models)),
+            "timing": "CUDA events on the compute stream" if cuda else "perf_counter",
+        },
+        "steps": {"grid": _plain(asdict(STEP_GRIDS[(plan.device.type, plan.quick)])),
+                  "policies": list(plan.policies), "source": "profiler.runtime.engine.Engine.generate"},
+    }
+
+
+def run_transfers(plan: Plan, bar: tqdm, generator: torch.Generator) -> None:
+    """The copy sweep, skipping points whose rows are all present."""
+    path = plan.out / "transfers.csv"
+    done = done_keys(path, TRANSFER_KEY) if plan.resume else set()
+    sweep = make_sweep(plan.device, list(plan.models), plan.quick)
+    points = transfer_points(sweep)
+    todo = [p for p in points if not set(p.keys()) <= done]
+    bar.update(len(points) - len(todo))
+    if not todo:
+        return
+    bench = TransferBench(plan.device, sweep, plan.repeats, plan.warmup, generator)
+    try:
+        for point in todo:
+            bar.set_postfix_str(point.label, refresh=False)
+            rows = [r for r in bench.measure(point) if row_key(r, TRANSFER_KEY) not in done]
+            append_rows(path, rows, TRANSFER_COLUMNS)
+            bar.update()
+    finally:
+        bench.close()
+
+
+def run_kernels(plan: Plan, bar: tqdm) -> None:
+    """The op sweep, skipping points already present."""
+    path = plan.out / "kernels.csv"
+    done = done_keys(path, KERNEL_KEY) if plan.resume else set()
+    grid = GRIDS[(plan.device.type, plan.quick)]
+    bench = KernelBench(plan.device, {m.name: m for m in plan.models}, grid, plan.repeats, plan.warmup, plan.seed)
+    for task in kernel_tasks(list(plan.models), dtype_name(plan.device), grid):
+        bar.set_postfix_str(task.label, refresh=False)
+        append_rows(path, bench.measure(task, done), KERNEL_COLUMNS)
+        bar.update()
+
+
+def run_steps(plan: Plan, bar: tqdm) -> None:
+    """End-to-end runs through the runtime engine, skipping finished ones."""
+    path = plan.out / "steps.csv"
+    done = done_keys(path, STEP_KEY) if plan.resume else set()
+    grid = STEP_GRIDS[(plan.device.type, plan.quick)]
+    bench = StepBench(plan.device, {m.name: m for m in plan.models}, plan.seed, grid.repeats)
+    runs = plan_runs(plan)
+    todo = [run for run in runs if run.final_key not in done]
+    bar.update(len(runs) - len(todo))
+    for run, rows in bench.measure_runs(todo):  # in rounds: a model's runs arrive together
+        bar.set_postfix_str(run.run_id, refresh=False)
+        append_rows(path, [r for r in rows if row_key(r, STEP_KEY) not in done], STEP_COLUMNS)
+        bar.update()
+
+
+def run_fetch(plan: Plan, bar: tqdm) -> None:
+    """The fetch pass, skipping (alpha, context) points whose rows are all present."""
+    assert plan.fetch is not None
+    path = plan.out / "fetch.csv"
+    done = done_keys(path, FETCH_KEY) if plan.resume else set()
+    n_layers = get_model(plan.fetch.model).n_layers
+    units = plan.fetch.units(get_model(plan.fetch.model).max_positions)
+    todo = [(a, n) for a, n in units if not set(plan.fetch.keys(a, n, n_layers)) <= done]
+    bar.update(len(units) - len(todo))
+    if not todo:
+        return
+    bench = FetchBench.load(plan.fetch, plan.device)
+    for alpha, n in todo:
+        bar.set_postfix_str(f"fetch {plan.fetch.model} alpha {alpha:g} n {n}", refresh=False)
+        append_rows(path, [r for r in bench.measure(alpha, n) if row_key(r, FETCH_KEY) not in done], FETCH_COLUMNS)
+        bar.update()
+
+
+def count_points(plan: Plan) -> int:
+    """Progress-bar units: transfer points, kernel tasks, end-to-end runs and fetch points."""
+    fetch = len(plan.fetch.units(get_model(plan.fetch.model).max_positions)) if plan.fetch else 0
+    if plan.fetch_only:
+        return fetch
+    sweep = make_sweep(plan.device, list(plan.models), plan.quick)
+    tasks = kernel_tasks(list(plan.models), dtype_name(plan.device), GRIDS[(plan.device.type, plan.quick)])
+    return len(transfer_points(sweep)) + len(tasks) + len(plan_runs(plan)) + fetch
+
+
+def plan_runs(plan: Plan) -> list[StepRun]:
+    """End-to-end runs: every policy on every model."""
+    return step_runs(list(plan.models), list(plan.policies), STEP_GRIDS[(plan.device.type, plan.quick)])
+
+
+def collect(plan: Plan, existing_meta: dict[str, Any] | None = None) -> str:
+    """Measure everything the plan asks for into plan.out; returns the printed summary."""
+    torch.manual_seed(plan.seed)
+    torch.set_num_threads(plan.threads)
+    generator = torch.Generator().manual_seed(plan.seed)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    if existing_meta:
+        meta = {k: v for k, v in existing_meta.items() if k != "schema_version"}
+        meta["resumed_utc"] = [*meta.get("resumed_utc", []), utc_now()]
+    else:
+        timing = {"settings": plan.settings} if plan.fetch_only else plan_meta(plan)
+        meta = {**collect_meta(plan.device, {}), **timing}
+    if plan.fetch is not None:
+        meta["fetch"] = fetch_meta(plan.fetch, plan.device, meta.get("fetch"))
+    write_meta(plan.out, meta)  # first, so that an interrupted bundle still says what it is
+    with tqdm(total=count_points(plan), unit="point", desc="collect", dynamic_ncols=True) as bar:
+        if not plan.fetch_only:
+            run_transfers(plan, bar, generator)
+            for model in plan.models:  # a model's runs right after its ops: one state of a shared box
+                run_kernels(replace(plan, models=(model,)), bar)
+                run_steps(replace(plan, models=(model,)), bar)
+        if plan.fetch is not None:
+            run_fetch(plan, bar)
+    meta["completed_utc"] = utc_now()
+    meta.setdefault("host", {})["load_avg_1_5_15_at_end"] = load_average()
+    write_meta(plan.out, meta)
+    if plan.fetch_only:
+        return "\n".join(fetch_summary(plan, pd.read_csv(plan.out / "fetch.csv")))
+    return format_summary(plan)
+
+
+def fetch_meta(fetch: FetchPass, device: torch.device, before: dict[str, Any] | None) -> dict[str, Any]:
+    """meta.yaml's `fetch` section; a resumed pass of the same model keeps the alphas and contexts before it."""
+    meta = {**fetch.describe(), "device_type": device.type}
+    if before and before.get("model") == fetch.model:
+        for key in ("alphas", "contexts"):
+            meta[key] = sorted(set(before.get(key, [])) | set(meta[key]))
+    return meta
+
+
+def fetch_summary(plan: Plan, fetch: pd.DataFrame) -> list[str]:
+    """The fetch pass's counts per layer group and context, and their power-law fit."""
+    if plan.fetch is None:
+        return []
+    spec = get_model(plan.fetch.model)
+    rows = fetch[fetch["model"] == plan.fetch.model]
+    return fetch_lines(rows, spec.n_layers, make_policy("infinigen").full_fetch_layers)
+
+
+def format_summary(plan: Plan) -> str:
+    """The bundle read back (which also checks it): transfer peaks, decode-op rooflines, step totals."""
+    bundle = read_bundle(plan.out)
+    meta = bundle.meta
+    head = (f"profile bundle {plan.out}: {bundle.device_name}, {meta['kernels']['dtype']}, "
+            f"{meta['repeats']['timed']} timed repeats after {meta['repeats']['warmup']} warm-up; "
+            f"{len(bundle.transfers)} transfer, {len(bundle.kernels)} kernel, {len(bundle.steps)} step rows")
+    row_bytes = meta["transfers"]["infinigen_row_bytes"]
+    lines = [head, *transfers.summary_lines(bundle.transfers, meta["transfers"]["memory"], row_bytes)]
+    d2d = transfers.peak_row(bundle.transfers, "d2d", "device")
+    ceiling = None if d2d is None else 2 * float(d2d.gbps)
+    dtype_bytes = torch.empty(0, dtype=getattr(torch, meta["kernels"]["dtype"])).element_size()
+    models = {m.name: m for m in plan.models}
+    lines += kernels.summary_lines(bundle.kernels, models, dtype_bytes, ceiling)
+    lines += steps.summary_lines(bundle.steps, models, dtype_bytes, ceiling)
+    lines += fetch_summary(plan, bundle.fetch)
+    return "\n".join(lines)
