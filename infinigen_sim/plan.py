@@ -1,7 +1,8 @@
 """`python -m infinigen_sim.plan`: the cheapest hardware, KV policy and batch that meet a throughput target.
 
     python -m infinigen_sim.plan --model llama-3-8b --prompt-len 32768 --gen-len 128 \\
-        --target-tokens-per-s 10 [--max-ms-per-token 200] [--out plan.csv] a100_pcie4 h100_pcie5 ...
+        --target-tokens-per-s 10 [--max-ms-per-token 200] [--runtime NAME|PATH] [--out plan.csv] \\
+        a100_pcie4 h100_pcie5 ...
 
 Thin entry over `infinigen_sim.analysis.plan` (definitions of tokens/s, ms/token and $/Mtok there).
 Exit status: 0 when something meets the target, 1 when nothing does, 2 for bad input or an unwritable --out.
@@ -26,6 +27,7 @@ from infinigen_sim.spec.hardware import HardwareError
 from infinigen_sim.spec.io import write_text_atomic
 from infinigen_sim.spec.models import UnknownModelError
 from infinigen_sim.spec.policies import PolicyError, parse_policy_name
+from infinigen_sim.spec.runtime import RuntimeConfigError
 
 PROG = "python -m infinigen_sim.plan"
 
@@ -57,7 +59,7 @@ def request_from_args(args) -> PlanRequest:
     except PolicyError as exc:
         raise InputError(f"--policies: {exc}") from None
     return PlanRequest(args.model, args.prompt_len, args.gen_len, args.target_tokens_per_s, args.max_ms_per_token,
-                       policies, args.batch_sizes)
+                       policies, args.batch_sizes, args.runtime)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report_error(PROG, exc)
     except UnknownModelError as exc:
         return report_error(PROG, f"--model: {exc}")
+    except RuntimeConfigError as exc:
+        return report_error(PROG, f"--runtime: {exc}")
     code = 0 if frame["meets_target"].any() else EXIT_UNMET
     print(report_text(frame, request) if code == 0 else unmet_text(frame, request),
           file=sys.stdout if code == 0 else sys.stderr)

@@ -1,4 +1,6 @@
-"""`python -m infinigen_sim.validate BUNDLE [--hw HW_CONFIG]`: the simulator against the runtime it models.
+"""`python -m infinigen_sim.validate BUNDLE [options]`: the simulator against the runtime it models.
+
+    python -m infinigen_sim.validate BUNDLE [--hw HW_CONFIG] [--runtime NAME|PATH] [--out DIR]
 
 Thin entry over `infinigen_sim.analysis.validate`: every complete run of BUNDLE/steps.csv replayed from
 the bundle's kernels.csv and transfers.csv only; writes validation.csv and validation.md into --out
@@ -21,6 +23,7 @@ from infinigen_sim.spec.cli import InputError, Parser, check_writable, report_er
 from infinigen_sim.spec.hardware import HardwareError, load_hardware
 from infinigen_sim.spec.io import write_text_atomic
 from infinigen_sim.spec.models import UnknownModelError
+from infinigen_sim.spec.runtime import RuntimeConfigError, load_runtime
 
 PROG = "python -m infinigen_sim.validate"
 
@@ -30,6 +33,9 @@ def build_parser() -> Parser:
     parser.add_argument("bundle", metavar="BUNDLE", help="profile bundle folder with steps.csv")
     parser.add_argument("--hw", default=None, metavar="HW_CONFIG",
                         help="hardware config to predict on (default: the profiled box, from the bundle's ceilings)")
+    parser.add_argument("--runtime", default=None, metavar="NAME|PATH",
+                        help="runtime description to predict with: a name in infinigen_sim/runtimes/ or a YAML path "
+                             "(default: the runtime the bundle says it measured, meta.yaml runtime)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="folder for validation.csv and validation.md (default: BUNDLE-validation)")
     return parser
@@ -46,8 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out) if args.out else default_out(args.bundle)
     try:
         hw = load_hardware(args.hw) if args.hw else None
+        try:
+            runtime = load_runtime(args.runtime) if args.runtime else None
+        except RuntimeConfigError as exc:
+            raise InputError(f"--runtime: {exc}") from None
         check_writable("--out", out, folder=True)
-        frame, cal, hw = validate_bundle(args.bundle, hw)
+        frame, cal, hw = validate_bundle(args.bundle, hw, runtime)
     except (BundleError, CalibrationError, HardwareError, UnknownModelError, InputError) as exc:
         return report_error(PROG, exc)
     text = summary_markdown(frame, cal, hw)

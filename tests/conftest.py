@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from infinigen_sim.spec.hardware import HardwareConfig, load_hardware
-from infinigen_sim.spec.models import ModelSpec, get_model
 from infinigen_sim.sim.machine import Machine, Recorder, StepState
 from infinigen_sim.sim.processes import decode_step, prefill
 from infinigen_sim.sim.scenario import Scenario
+from infinigen_sim.spec.hardware import HardwareConfig, load_hardware
+from infinigen_sim.spec.models import ModelSpec, get_model
 from infinigen_sim.spec.policies import layer_work, make_policy
 
 
@@ -24,19 +24,27 @@ class StubCosts:
     h2d: float = 0.0
     d2h: float = 0.0
     gather: float = 0.0
+    memcpy: float = 0.0
+    dispatch: float = 0.0  # host seconds per decode layer
 
     def compute_s(self, op: str, model: ModelSpec, batch: int, n_tokens: int, kv_len: int,
                   *, partial_ratio: float = 1.0) -> float:
         return self.ops.get(op, 0.0)
 
-    def h2d_s(self, nbytes: float, gathered: bool) -> float:
+    def h2d_s(self, nbytes: float, gathered: bool, pageable: bool = False) -> float:
         return self.h2d if nbytes > 0 else 0.0
 
-    def d2h_s(self, nbytes: float) -> float:
+    def d2h_s(self, nbytes: float, pageable: bool = False) -> float:
         return self.d2h if nbytes > 0 else 0.0
 
     def gather_s(self, nbytes: float, rows: int) -> float:
         return self.gather if nbytes > 0 else 0.0
+
+    def memcpy_s(self, nbytes: float) -> float:
+        return self.memcpy if nbytes > 0 else 0.0
+
+    def dispatch_s(self, policy, family: str) -> float:
+        return self.dispatch
 
     def measured_ops(self) -> frozenset:
         return frozenset()

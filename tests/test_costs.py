@@ -10,11 +10,11 @@ import yaml
 
 from infinigen_sim.cost.memory import plan_memory
 from infinigen_sim.cost.physics import CostModel, PhysicsCosts
-from infinigen_sim.spec.ops import COMPUTE_OPS, PHYSICS_OPS
-from infinigen_sim.spec.work import op_work
 from infinigen_sim.spec.hardware import GpuSpec, HardwareConfig, HostSpec, LinkSpec, load_hardware
 from infinigen_sim.spec.models import get_model
+from infinigen_sim.spec.ops import COMPUTE_OPS, PHYSICS_OPS
 from infinigen_sim.spec.policies import make_policy
+from infinigen_sim.spec.work import op_work
 
 # Round numbers so every expected time below is hand-checkable.
 HW = HardwareConfig(
@@ -40,13 +40,14 @@ def test_transfers_are_latency_plus_bytes_over_effective_bandwidth():
 
 
 def test_gather_reads_and_writes_every_row_byte():
-    assert COSTS.gather_s(1e9, rows=1000) == pytest.approx(2e9 / 50e9)
+    row_s = COSTS.runtime.gather.row_ns * 1e-9  # this project's runtime: a fixed cost per gathered row too
+    assert COSTS.gather_s(1e9, rows=1000) == pytest.approx(2e9 / 50e9 + 1000 * row_s)
     assert COSTS.gather_s(0, rows=0) == 0.0
 
 
 def test_op_time_is_the_roofline_max():
     for op in PHYSICS_OPS:
-        work = op_work(op, OPT13B, 4, 1, 2048, partial_ratio=0.3)
+        work = op_work(op, OPT13B, 4, 1, 2048, partial_ratio=0.3, style=COSTS.runtime.kernels)
         expected = max(work.flops / 50e12, work.hbm_bytes / 500e9)
         assert COSTS.compute_s(op, OPT13B, 4, 1, 2048, partial_ratio=0.3) == pytest.approx(expected)
 

@@ -121,7 +121,8 @@ def test_the_simulator_imports_neither_torch_nor_nvml():
 
 
 def test_a_non_editable_wheel_runs_the_main_job_from_another_folder(tmp_path):
-    """pip install of the built wheel (not editable) finds the shipped hardware configs by name and writes
+    """pip install of the built wheel (not editable) finds the shipped hardware configs and runtime
+    descriptions by name and writes
     the same results.csv as this checkout. The wheel's dependencies come from this test's interpreter
     (PYTHONPATH), so nothing is downloaded; the package itself must come from the wheel."""
     wheels = tmp_path / "wheels"
@@ -144,7 +145,8 @@ def test_a_non_editable_wheel_runs_the_main_job_from_another_folder(tmp_path):
     for out, cwd in ((elsewhere / "out", elsewhere), (tmp_path / "here", ROOT)):
         runner = python if cwd == elsewhere else Path(sys.executable)
         result = subprocess.run([str(runner), "-m", "infinigen_sim.sweep", "a100_pcie4", "--models", "opt-13b",
-                                 "--out", str(out)], cwd=cwd, env=env if cwd == elsewhere else None,
+                                 "--runtime", "infinigen-sim,infinigen-artifact", "--out", str(out)], cwd=cwd,
+                                env=env if cwd == elsewhere else None,
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
     assert (elsewhere / "out" / "results.csv").read_bytes() == (tmp_path / "here" / "results.csv").read_bytes()

@@ -23,6 +23,7 @@ from infinigen_sim.sim.trace import chrome_trace, trace_ops
 from infinigen_sim.spec.hardware import load_hardware
 from infinigen_sim.spec.models import get_model
 from infinigen_sim.spec.policies import make_policy
+from infinigen_sim.spec.trace import THREADS
 
 
 # ---- exact logs ------------------------------------------------------------------------------
@@ -206,7 +207,8 @@ def test_chrome_trace_has_complete_events_per_device_and_resource(a100):
     events = [e for e in trace["traceEvents"] if e["ph"] == "X"]
     names = {(e["name"], e["args"]["name"]) for e in trace["traceEvents"] if e["ph"] == "M"}
     assert ("process_name", "gpu") in names and ("process_name", "host") in names
-    assert {("thread_name", r) for r in RESOURCES} <= names
+    assert {("thread_name", THREADS[r]) for r in RESOURCES} <= names
+    assert {e["cat"] for e in events} >= {"gpu", "h2d_link", "d2h_link", "host_cpu", "dispatch"}
     assert {e["name"] for e in events} >= {"embed", "qkv", "speculate", "gather", "h2d", "d2h"}
     for track in {(e["pid"], e["tid"]) for e in events}:  # one resource never runs two ops at once
         spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if (e["pid"], e["tid"]) == track)

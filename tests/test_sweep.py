@@ -27,7 +27,8 @@ def test_points_are_picklable_and_keyed_by_their_parameters():
     assert len(points) == 2 * 5 * 2
     assert len({p.key for p in points}) == len(points)
     assert pickle.loads(pickle.dumps(points[0])) == points[0]
-    assert points[0].key == ("hw=a100_pcie4|link.h2d_gbps=16|model=small-opt|policy=ideal|batch_size=1|"
+    assert points[0].key == ("hw=a100_pcie4|runtime=infinigen-sim|link.h2d_gbps=16|model=small-opt|policy=ideal|"
+                             "batch_size=1|"
                              "prompt_len=256|gen_len=8")
 
 
@@ -66,7 +67,7 @@ def test_a_swept_setting_makes_one_row_per_value(tmp_path):
     frame = pd.read_csv(tmp_path / "results.csv")
     assert len(frame) == 4 and sorted(frame["link.h2d_gbps"]) == [16, 16, 32, 32]
     slow, fast = (frame[frame["link.h2d_gbps"] == v].total_s.to_numpy() for v in (16, 32))
-    assert (fast < slow).all()
+    assert (fast <= slow).all() and fast[-1] < slow[-1]  # batch 1 is bound by the host dispatching the ops
     assert "link.h2d_gbps" in (tmp_path / "config.yaml").read_text()
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from infinigen_sim.spec.policies import ALL_POLICIES
+from infinigen_sim.spec.runtime import DEFAULT_RUNTIME
 from infinigen_sim.sweep.grid import SweepGrid, expand_points
 from infinigen_sim.sweep.run import run_sweep
 
@@ -44,13 +45,16 @@ class PlanRequest:
     policies: tuple[str, ...] = field(default=ALL_POLICIES, metadata={"help": "KV policies", "what": "policy"})
     batch_sizes: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 32, 64, 128, 256), metadata={
         "help": "batch sizes searched", "unit": "sequences", "minimum": 1, "what": "batch size"})
+    runtime: str = field(default=DEFAULT_RUNTIME, metadata={
+        "help": "runtime description: a name in infinigen_sim/runtimes/ (infinigen-sim: this project's runtime; "
+                "infinigen-artifact: the paper's) or a YAML path", "metavar": "NAME|PATH"})
 
 
 # ---- search ----------------------------------------------------------------------------------
 def evaluate(hw_configs: Sequence[str | Path], request: PlanRequest, jobs: int = 1) -> pd.DataFrame:
     """Every (hardware, policy, batch) at the request's shape, with the plan columns added."""
     grid = SweepGrid(models=(request.model,), policies=request.policies, batch_sizes=request.batch_sizes,
-                     prompt_lens=(request.prompt_len,), gen_lens=(request.gen_len,))
+                     prompt_lens=(request.prompt_len,), gen_lens=(request.gen_len,), runtime=(request.runtime,))
     points = expand_points(hw_configs, grid)
     frame = run_sweep(points, jobs)
     prices = {p.hw.name: p.hw.cost_per_hour_usd for p in points}
@@ -132,7 +136,7 @@ def report_text(frame: pd.DataFrame, request: PlanRequest) -> str:
     pareto = frame[frame["on_pareto"]].sort_values("ms_per_token", kind="stable")
     lines = [
         f"{request.model}, prompt {request.prompt_len} + {request.gen_len} generated tokens; target "
-        f"{target_text(request)}",
+        f"{target_text(request)}; runtime {frame['runtime'].iloc[0]}",
         f"searched {len(frame)} configurations ({frame['hw'].nunique()} hardware x {len(request.policies)} "
         f"policies x {len(request.batch_sizes)} batch sizes), {len(fitting)} fit in memory, "
         f"{int(frame['meets_target'].sum())} meet the target",

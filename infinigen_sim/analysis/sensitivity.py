@@ -32,7 +32,8 @@ from infinigen_sim.sim.trace import trace_ops
 from infinigen_sim.spec.hardware import HardwareConfig, from_raw, load_hardware, set_dotted
 from infinigen_sim.spec.models import get_model
 from infinigen_sim.spec.policies import PolicyName, make_policy
-from infinigen_sim.sweep.grid import POLICY_PREFIX, Point
+from infinigen_sim.spec.runtime import DEFAULT_RUNTIME, RuntimeConfigError, RuntimeSpec, load_runtime
+from infinigen_sim.sweep.grid import DEFAULT_SPEC, POLICY_PREFIX, Point
 from infinigen_sim.sweep.point import scenario_for, simulate_point
 
 PARAMETERS = ("link.h2d_gbps", "link.d2h_gbps", "gpu.hbm_gbps", "gpu.fp16_tflops", "host.memory_gbps")
@@ -54,12 +55,13 @@ def hardware_with(hw: HardwareConfig, overrides: Mapping[str, Any]) -> HardwareC
     return from_raw(raw, hw.source_file or hw.name, default_name=hw.name)
 
 
-def point_from_params(hw: HardwareConfig, params: Mapping[str, Any]) -> Point:
-    """A `Point` on `hw` from `Point.params`-shaped values (an `hw` key, if any, is ignored)."""
+def point_from_params(hw: HardwareConfig, params: Mapping[str, Any], runtime: RuntimeSpec | None = None) -> Point:
+    """A `Point` on `hw` from `Point.params`-shaped values (an `hw` key, if any, is ignored) under `runtime`
+    (default: the params' `runtime` name, else this project's)."""
     missing = [k for k in SHAPE_KEYS if k not in params]
     if missing:
         raise PointError(f"point: missing key(s) {', '.join(missing)} (need {', '.join(SHAPE_KEYS)})")
-    unknown = [k for k in params if k not in (*SHAPE_KEYS, "hw", "mode") and "." not in k]
+    unknown = [k for k in params if k not in (*SHAPE_KEYS, "hw", "mode", "runtime") and "." not in k]
     if unknown:
         raise PointError(f"point: unknown key(s) {', '.join(unknown)} (expected {', '.join(SHAPE_KEYS)}, "
                          "mode, or dotted hardware/policy keys)")
@@ -67,10 +69,15 @@ def point_from_params(hw: HardwareConfig, params: Mapping[str, Any]) -> Point:
     hw_settings = {k: v for k, v in dotted.items() if not k.startswith(POLICY_PREFIX)}
     policy_params = {k[len(POLICY_PREFIX):]: v for k, v in dotted.items() if k.startswith(POLICY_PREFIX)}
     get_model(str(params["model"]))
+    if runtime is None:
+        try:
+            runtime = load_runtime(str(params.get("runtime", DEFAULT_RUNTIME)))
+        except RuntimeConfigError as exc:
+            raise PointError(f"point: key 'runtime': {exc}") from None
     return Point(hw=hardware_with(hw, hw_settings), model=str(params["model"]),
                  policy=make_policy(str(params["policy"]), **policy_params), batch_size=int(params["batch_size"]),
                  prompt_len=int(params["prompt_len"]), gen_len=int(params["gen_len"]),
-                 settings=tuple(dotted.items()), mode=str(params.get("mode", "fast")))
+                 settings=tuple(dotted.items()), mode=str(params.get("mode", "fast")), runtime=runtime)
 
 
 def tokens_per_s(point: Point) -> float:
@@ -155,9 +162,12 @@ def stops_paying_gbps(sweep: pd.DataFrame, speedup: str = "speedup_vs_flexgen",
 
 # ---- memory fit ------------------------------------------------------------------------------
 def max_batch(hw: HardwareConfig, model: str, policy: str, prompt_len: int, gen_len: int,
-              policy_params: Mapping[str, Any] | None = None, ceiling: int = MAX_BATCH) -> tuple[int, str]:
-    """The largest batch whose memory fits (0 when batch 1 does not), and what stops the next one."""
+              policy_params: Mapping[str, Any] | None = None, ceiling: int = MAX_BATCH,
+              runtime: RuntimeSpec = DEFAULT_SPEC) -> tuple[int, str]:
+    """The largest batch whose memory fits (0 when batch 1 does not), and what stops the next one, under
+    `runtime`'s per-layer policy overrides."""
     spec, pol = get_model(model), make_policy(policy, **(policy_params or {}))
+    pol = runtime.for_policy(pol.name).policies.apply(pol)
 
     def plan(batch: int):
         return plan_memory(hw, spec, pol, batch, prompt_len, gen_len)
@@ -177,12 +187,13 @@ def max_batch(hw: HardwareConfig, model: str, policy: str, prompt_len: int, gen_
 
 
 def memory_fit(hw: HardwareConfig, model: str, policies: Sequence[str], prompt_lens: Sequence[int],
-               gen_len: int, policy_params: Mapping[str, Any] | None = None) -> pd.DataFrame:
+               gen_len: int, policy_params: Mapping[str, Any] | None = None,
+               runtime: RuntimeSpec = DEFAULT_SPEC) -> pd.DataFrame:
     """Columns policy, prompt_len, max_batch, limit ('gpu memory' / 'host memory')."""
     rows = []
     for name in policies:
         for prompt in prompt_lens:
-            batch, limit = max_batch(hw, model, name, prompt, gen_len, policy_params)
+            batch, limit = max_batch(hw, model, name, prompt, gen_len, policy_params, runtime=runtime)
             rows.append({"policy": name, "prompt_len": prompt, "max_batch": batch, "limit": limit})
     return pd.DataFrame(rows)
 

@@ -42,6 +42,7 @@ from infinigen_sim.spec.hardware import HardwareConfig
 from infinigen_sim.spec.models import get_model
 from infinigen_sim.spec.ops import Op
 from infinigen_sim.spec.policies import PolicyConfig, PolicyName, h2o_budget, make_policy
+from infinigen_sim.spec.runtime import RuntimeSpec
 
 WALL_OP = "wall"  # steps.csv: a step's wall time (its row marks the step as finished)
 COMPARED_AS = {Op.JOB: Op.COMMIT}  # the copy worker's own Python per job: inside the runtime's commit phase
@@ -130,18 +131,20 @@ def h2o_fetch_matches(run: Run) -> bool | None:
 
 
 # ---- predicted -------------------------------------------------------------------------------
-def scenario(cal: Calibration, hw: HardwareConfig, run: Run) -> Scenario:
-    """The run's point on `hw`: the profiled box itself (its dtype, and the CPU runtime's placement for a
-    CPU bundle), or another card (fp16 K/V, copy engines)."""
+def scenario(cal: Calibration, hw: HardwareConfig, run: Run, runtime: RuntimeSpec | None = None) -> Scenario:
+    """The run's point on `hw` under `runtime` (default: the one the bundle measured): the profiled box
+    itself (its dtype, and the CPU runtime's placement for a CPU bundle), or another card (fp16 K/V, copy
+    engines)."""
     model = get_model(run.model)
     own_box = cal.reference(hw) is None
     dtype_bytes = cal.kernels.dtype_bytes if own_box else 2
-    costs = cal.costs(hw, run.policy, model, dtype_bytes)
+    runtime = (runtime or cal.runtime).for_policy(run.policy.name)
+    costs = cal.costs(hw, run.policy, model, dtype_bytes, runtime)
     fetch = fetch_model_of(run, model.n_layers)
     extra = {"fetch_model": fetch} if fetch is not None else {}
     placement = CPU_PLACEMENT if cal.cpu and own_box else GPU_PLACEMENT
     return Scenario(costs, model, run.policy, run.batch_size, run.prompt_len, run.gen_len,
-                    dtype_bytes=dtype_bytes, placement=placement, **extra)
+                    dtype_bytes=dtype_bytes, placement=placement, runtime=runtime, **extra)
 
 
 def predicted_times(sc: Scenario) -> Times:
@@ -185,9 +188,10 @@ def explain(measured: dict[str, float], predicted: dict[str, float], wall_m: flo
            f"{1e3 * measured.get(name, rest_m if name == 'unattributed' else 0.0):.3g} ms measured"
 
 
-def validate_bundle(bundle_dir: str | Path, hw: HardwareConfig | None = None
+def validate_bundle(bundle_dir: str | Path, hw: HardwareConfig | None = None, runtime: RuntimeSpec | None = None
                     ) -> tuple[pd.DataFrame, Calibration, HardwareConfig]:
-    """One row per complete run of steps.csv: measured and predicted prefill and step, errors, explanations."""
+    """One row per complete run of steps.csv: measured and predicted prefill and step, errors, explanations
+    (predicted under `runtime`, default the runtime the bundle says it measured)."""
     bundle = read_bundle(bundle_dir)
     if bundle.steps.empty:
         raise CalibrationError(f"{bundle.path}: steps.csv is missing or empty: nothing to validate "
@@ -199,7 +203,7 @@ def validate_bundle(bundle_dir: str | Path, hw: HardwareConfig | None = None
         if not run.complete:
             continue
         measured = measured_times(run)
-        sc = scenario(cal, hw, run)
+        sc = scenario(cal, hw, run, runtime)
         predicted = predicted_times(sc)
         rows.append({
             "run_id": run.run_id, "policy": run.policy.name.value, "model": run.model,
@@ -214,7 +218,8 @@ def validate_bundle(bundle_dir: str | Path, hw: HardwareConfig | None = None
             "prefill_explained_by": explain(measured.prefill_phases, predicted.prefill_phases,
                                             measured.prefill_s, predicted.prefill_s, cal.cpu),
             "h2o_fetch_matches": h2o_fetch_matches(run),
-            "calibration": cal.label(hw), "extrapolated": ",".join(sorted(sc.costs.extrapolated)),
+            "runtime": sc.runtime.name, "calibration": cal.label(hw),
+            "extrapolated": ",".join(sorted(sc.costs.extrapolated)),
         })
     if not rows:
         raise CalibrationError(f"{bundle.path}: steps.csv holds no complete run")
@@ -247,8 +252,10 @@ def _pct(values: np.ndarray, q: float) -> float:
 def summary_markdown(frame: pd.DataFrame, cal: Calibration, hw: HardwareConfig, worst: int = 5) -> str:
     """validation.md: per-policy error, InfiniGen/FlexGen speedups, the worst points and their phase."""
     errors = abs_errors(frame)
+    runtime = frame["runtime"].iloc[0] if "runtime" in frame and len(frame) else cal.runtime.name
     lines = [f"# Validation of {cal.path}", "",
-             f"device: {cal.device}; hardware: {hw.name} ({cal.label(hw)}); placement: "
+             f"device: {cal.device}; hardware: {hw.name} ({cal.label(hw)}); runtime: {runtime} "
+             f"(bundle measured {cal.runtime.name}); placement: "
              f"{'CPU runtime (compute thread + copy worker)' if cal.cpu else 'GPU (copy engines)'}; "
              f"{len(frame)} runs", "",
              "| policy | runs | step median abs err % | step p95 abs err % | prefill median abs err % | "

@@ -37,7 +37,7 @@ the compute thread (transfers.csv 'handoff.<policy>', over the fetched bytes; `h
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,8 @@ from typing import Any
 import numpy as np
 
 from infinigen_sim.cost.card import CalibrationError, bundle_hardware, is_cpu_bundle, measured_rows, names_match
-from infinigen_sim.cost.overheads import SPANS_PER_OP, Handoff, span_costs
+from infinigen_sim.cost.overheads import SPANS_PER_OP, Handoff, bundle_runtime, host_costs, span_costs
+from infinigen_sim.cost.physics import DEFAULT as DEFAULT_RUNTIME
 from infinigen_sim.cost.physics import CostModel, PhysicsCosts
 from infinigen_sim.cost.tables import CopyTable, KernelTables, copy_tables
 from infinigen_sim.spec.bundle import read_bundle
@@ -53,7 +54,8 @@ from infinigen_sim.spec.fetch import FetchFit, FetchModel, fit_fetch
 from infinigen_sim.spec.hardware import HardwareConfig, load_hardware
 from infinigen_sim.spec.models import ModelSpec
 from infinigen_sim.spec.ops import MEASURED_OPS, Op
-from infinigen_sim.spec.policies import PolicyConfig, make_policy
+from infinigen_sim.spec.policies import PolicyConfig, PolicyName, make_policy
+from infinigen_sim.spec.runtime import RuntimeSpec
 
 __all__ = ["BundleCosts", "Calibration", "CalibrationError", "calibration", "calibration_columns",
            "load_calibration", "point_costs", "point_fetch_model"]
@@ -70,10 +72,12 @@ class Calibration:
     cpu: bool  # a CPU bundle: the runtime's CPU mode (compute thread + copy worker thread)
     source: HardwareConfig  # the profiled card's measured ceilings
     kernels: KernelTables
-    copies: dict[tuple[str, bool], CopyTable]
+    copies: dict[tuple[str, bool, str], CopyTable]  # (kind, concurrent, host memory) -> table
     fetch: FetchFit | None
     spans: dict[str, float] = field(default_factory=dict)  # model -> seconds of one runtime span (CPU)
     handoff: Handoff | None = None  # what a layer's copy-worker jobs cost the compute thread (CPU)
+    host_us: dict[str, float] = field(default_factory=dict)  # host.csv: dispatch / sync -> microseconds
+    runtime: RuntimeSpec = DEFAULT_RUNTIME  # the runtime the bundle measured (meta.yaml runtime)
 
     @classmethod
     def load(cls, profile_dir: str | Path) -> Calibration:
@@ -82,10 +86,11 @@ class Calibration:
             raise CalibrationError(f"{bundle.path}: kernels.csv has no measured rows")
         source = bundle_hardware(bundle)
         cpu = is_cpu_bundle(bundle)
+        fetch = fit_fetch(bundle.fetch, DEFAULT_POLICY.full_fetch_layers, DEFAULT_POLICY.alpha) \
+            if not bundle.fetch.empty else None
         return cls(Path(bundle.path), bundle.device_name, cpu, source, KernelTables.from_bundle(bundle, source),
-                   copy_tables(bundle), fit_fetch(bundle.fetch, DEFAULT_POLICY.full_fetch_layers, DEFAULT_POLICY.alpha)
-                   if not bundle.fetch.empty else None,
-                   span_costs(bundle) if cpu else {}, Handoff.from_bundle(bundle) if cpu else None)
+                   copy_tables(bundle), fetch, span_costs(bundle) if cpu else {},
+                   Handoff.from_bundle(bundle) if cpu else None, host_costs(bundle), bundle_runtime(bundle))
 
     def span_s(self, model: str) -> float:
         """One runtime span on the compute thread: the model's measured row, else the median of all."""
@@ -114,19 +119,22 @@ class Calibration:
         return "profile" if self.reference(hw) is None else f"profile-scaled:{self.device} -> {hw.name}"
 
     def costs(self, hw: HardwareConfig, policy: PolicyConfig, model: ModelSpec | None = None,
-              dtype_bytes: int | None = None) -> BundleCosts:
-        """A fresh cost model for one point (its `extrapolated` starts empty)."""
+              dtype_bytes: int | None = None, runtime: RuntimeSpec | None = None) -> BundleCosts:
+        """A fresh cost model for one point (its `extrapolated` starts empty) of `runtime` as `policy` runs it
+        (default: the runtime the bundle measured)."""
         dtype_bytes = dtype_bytes or (self.kernels.dtype_bytes if self.reference(hw) is None else 2)
         return BundleCosts(self, hw, overlap=policy.overlap, dtype_bytes=dtype_bytes,
                            head_dim=model.head_dim if model is not None else None,
-                           model=model.name if model is not None else None, policy=policy.name.value)
+                           model=model.name if model is not None else None, policy=policy.name.value,
+                           runtime=(runtime or self.runtime).for_policy(policy.name))
 
     def describe(self) -> dict[str, Any]:
         fits = {op: {"launch_us": round(f.launch_s * 1e6, 3), "efficiency": round(f.efficiency, 4),
                      "rows": f.rows, "median_abs_error_pct": round(f.median_abs_error_pct, 2)}
                 for op, f in sorted(self.kernels.fits.items())}
         out: dict[str, Any] = {"bundle": str(self.path), "device": self.device, "op_fits": fits,
-                               "profiled_card": self.source.to_dict()}
+                               "profiled_card": self.source.to_dict(), "measured_runtime": self.runtime.name,
+                               "host_us": self.host_us or "not measured (no host.csv): the runtime description's"}
         if self.cpu:
             out["cpu_runtime"] = {"span_us": {m: round(s * 1e6, 3) for m, s in sorted(self.spans.items())},
                                   "spans_per_op": {op.value: n for op, n in SPANS_PER_OP.items()},
@@ -142,14 +150,19 @@ class BundleCosts:
 
     def __init__(self, cal: Calibration, hw: HardwareConfig, *, overlap: bool = True, dtype_bytes: int = 2,
                  head_dim: int | None = None, fallback: PhysicsCosts | None = None, model: str | None = None,
-                 policy: str | None = None) -> None:
+                 policy: str | None = None, runtime: RuntimeSpec | None = None) -> None:
         self.cal, self.hw, self.overlap, self.dtype_bytes, self.head_dim = cal, hw, overlap, dtype_bytes, head_dim
         self.model, self.policy = model, policy  # the point's: they pick the span and handoff rows (CPU runtime)
-        self.fallback = fallback or PhysicsCosts(hw, dtype_bytes)
+        self.runtime = runtime or cal.runtime.for_policy(policy or "flexgen")
+        self.fallback = fallback or PhysicsCosts(hw, dtype_bytes, self.runtime)
         self.ref = cal.reference(hw)
         ref_dtype = cal.kernels.dtype_bytes if self.ref is cal.source else dtype_bytes
-        self._target = PhysicsCosts(hw, dtype_bytes)
-        self._ref = PhysicsCosts(self.ref, ref_dtype) if self.ref is not None else None
+        self._target = PhysicsCosts(hw, dtype_bytes, self.runtime)
+        self._ref = PhysicsCosts(self.ref, ref_dtype, self.runtime) if self.ref is not None else None
+        measured = cal.runtime.for_policy(policy or "flexgen")
+        # another runtime's kernels move other bytes than the measured ones: scaled by their rooflines
+        self._style = None if measured.kernels == self.runtime.kernels else (
+            PhysicsCosts(hw, dtype_bytes, self.runtime), PhysicsCosts(hw, dtype_bytes, measured))
         # copies beside compute take the 'concurrent' rows; a CPU bundle's D2H runs inline (alone)
         self.h2d_concurrent = overlap
         self.d2h_concurrent = overlap and not cal.cpu
@@ -172,44 +185,79 @@ class BundleCosts:
         if self._ref is not None:
             seconds *= self._target.compute_s(op, model, *q, partial_ratio=partial_ratio) / \
                 self._ref.compute_s(op, model, *q, partial_ratio=partial_ratio)
+        if self._style is not None:
+            ours, theirs = self._style
+            seconds *= ours.compute_s(op, model, *q, partial_ratio=partial_ratio) / \
+                theirs.compute_s(op, model, *q, partial_ratio=partial_ratio)
         return seconds
 
+    def _memory(self, kind: str, pageable: bool) -> str | None:
+        """The host memory whose rows price a copy: pageable or pinned as asked when measured; a CPU bundle's
+        only kind (its copies are memcpys); None when the bundle lacks it (priced from the other by physics)."""
+        wanted = "pageable" if pageable else "pinned"
+        measured = {memory for (k, _, memory) in self.cal.copies if k == kind}
+        if wanted in measured:
+            return wanted
+        return next(iter(measured)) if self.cal.cpu and measured else None
+
     def _copy(self, kind: str, concurrent: bool, coords: tuple[float, ...], physics: Callable[[Any], float],
-              fallback: Callable[[], float]) -> float:
-        table = self.cal.copies.get((kind, concurrent)) or self.cal.copies.get((kind, not concurrent))
+              fallback: Callable[[], float], pageable: bool = False) -> float:
+        memory = self._memory(kind, pageable)
+        scale = 1.0
+        if memory is None and pageable and self._memory(kind, False) is not None:  # pageable from pinned rows
+            memory, scale = self._memory(kind, False), physics(self._target, True) / physics(self._target, False)
+            self.extrapolated.add(kind)
+        table = self.cal.copies.get((kind, concurrent, memory)) or self.cal.copies.get((kind, not concurrent, memory))
         if table is None:
             self.extrapolated.add(kind)
             return fallback()
         seconds, exact = table.seconds(coords)
-        if not exact or (kind, concurrent) not in self.cal.copies:
+        if not exact or (kind, concurrent, memory) not in self.cal.copies:
             self.extrapolated.add(kind)
         if self._ref is not None:
-            seconds *= physics(self._target) / physics(self._ref)
-        return seconds
+            seconds *= physics(self._target, pageable) / physics(self._ref, pageable)
+        return seconds * scale
 
-    def h2d_s(self, nbytes: float, gathered: bool) -> float:
+    def h2d_s(self, nbytes: float, gathered: bool, pageable: bool = False) -> float:
         if nbytes <= 0:
             return 0.0
-        if gathered and self.head_dim and ("staged", self.h2d_concurrent) in self.cal.copies:
+        if gathered and self.head_dim and self._memory("staged", False) is not None:
             row = self.head_dim * self.dtype_bytes
-            return self._copy("staged", self.h2d_concurrent, (row, nbytes / row), lambda c: c.h2d_s(nbytes, True),
-                              lambda: self.fallback.h2d_s(nbytes, True))
-        return self._copy("h2d", self.h2d_concurrent, (nbytes,), lambda c: c.h2d_s(nbytes, gathered),
-                          lambda: self.fallback.h2d_s(nbytes, gathered))
+            return self._copy("staged", self.h2d_concurrent, (row, nbytes / row),
+                              lambda c, _p: c.h2d_s(nbytes, True), lambda: self.fallback.h2d_s(nbytes, True))
+        return self._copy("h2d", self.h2d_concurrent, (nbytes,), lambda c, p: c.h2d_s(nbytes, gathered, p),
+                          lambda: self.fallback.h2d_s(nbytes, gathered, pageable), pageable)
 
-    def d2h_s(self, nbytes: float) -> float:
+    def d2h_s(self, nbytes: float, pageable: bool = False) -> float:
         if nbytes <= 0:
             return 0.0
-        return self._copy("d2h", self.d2h_concurrent, (nbytes,), lambda c: c.d2h_s(nbytes),
-                          lambda: self.fallback.d2h_s(nbytes))
+        return self._copy("d2h", self.d2h_concurrent, (nbytes,), lambda c, p: c.d2h_s(nbytes, p),
+                          lambda: self.fallback.d2h_s(nbytes, pageable), pageable)
 
     def gather_s(self, nbytes: float, rows: int) -> float:
         if nbytes <= 0:
             return 0.0
         # the runtime gathers one row per (token, sequence, KV head) and plane: head_dim elements
-        row = self.head_dim * self.dtype_bytes if self.head_dim else nbytes / (2 * max(rows, 1))
-        return self._copy("gather", self.h2d_concurrent, (row, nbytes / row), lambda c: c.gather_s(nbytes, rows),
-                          lambda: self.fallback.gather_s(nbytes, rows))
+        row = self.head_dim * self.dtype_bytes if self.head_dim else nbytes / max(rows, 1)
+        pageable = self.runtime.memory.host_kv == "pageable"  # gathers read the host KV cache itself
+        return self._copy("gather", self.h2d_concurrent, (row, nbytes / row), lambda c, _p: c.gather_s(nbytes, rows),
+                          lambda: self.fallback.gather_s(nbytes, rows), pageable)
+
+    def memcpy_s(self, nbytes: float) -> float:
+        if nbytes <= 0:
+            return 0.0
+        return self._copy("memcpy", False, (nbytes,), lambda c, _p: c.memcpy_s(nbytes),
+                          lambda: self.fallback.memcpy_s(nbytes), True)
+
+    def dispatch_s(self, policy: PolicyName, family: str) -> float:
+        """The runtime description's ops and syncs per layer at the host's measured per-op and per-sync costs
+        (host.csv), else at the description's own (marked extrapolated)."""
+        host = self.runtime.host
+        if not ({"dispatch", "sync"} <= set(self.cal.host_us)) or self._ref is not None:
+            self.extrapolated.add("dispatch")
+            return host.layer_s(policy, family)
+        measured = replace(host, dispatch_us=self.cal.host_us["dispatch"], sync_us=self.cal.host_us["sync"])
+        return measured.layer_s(policy, family)
 
     def measured_ops(self) -> frozenset[Op]:
         """The runtime-only ops (spec.ops.MEASURED_OPS) the bundle measured: the replay includes those."""
@@ -249,23 +297,26 @@ def calibration(profile_dir: str) -> Calibration:
 
 def load_calibration(profile_dir: str | Path, hw: HardwareConfig
                      ) -> tuple[Callable[..., BundleCosts], FetchModel | None, dict[str, Any]]:
-    """(costs(policy, model=None, dtype_bytes=None) -> BundleCosts for `hw`, the checkpoint fetch model
-    or None, info: calibration label, profiled card, op fits, fetch fit)."""
+    """(costs(policy, model=None, dtype_bytes=None, runtime=None) -> BundleCosts for `hw`, the checkpoint
+    fetch model or None, info: calibration label, profiled card, op fits, fetch fit)."""
     cal = calibration(str(Path(profile_dir).resolve()))
 
-    def make_costs(policy: PolicyConfig, model: ModelSpec | None = None, dtype_bytes: int | None = None) -> BundleCosts:
-        return cal.costs(hw, policy, model, dtype_bytes)
+    def make_costs(policy: PolicyConfig, model: ModelSpec | None = None, dtype_bytes: int | None = None,
+                   runtime: RuntimeSpec | None = None) -> BundleCosts:
+        return cal.costs(hw, policy, model, dtype_bytes, runtime)
 
     info = {"calibration": cal.label(hw), **cal.describe()}
     return make_costs, (cal.fetch.fetch_model if cal.fetch is not None else None), info
 
 
 # ---- for the sweep ---------------------------------------------------------------------------
-def point_costs(profile: str | None, hw: HardwareConfig, policy: PolicyConfig, model: ModelSpec) -> CostModel:
-    """The cost model of one sweep point: physics without a profile, else a fresh BundleCosts."""
+def point_costs(profile: str | None, hw: HardwareConfig, policy: PolicyConfig, model: ModelSpec,
+                runtime: RuntimeSpec = DEFAULT_RUNTIME) -> CostModel:
+    """The cost model of one sweep point of `runtime` (as `policy` runs it): physics without a profile, else a
+    fresh BundleCosts."""
     if profile is None:
-        return PhysicsCosts(hw)
-    return calibration(str(Path(profile).resolve())).costs(hw, policy, model)
+        return PhysicsCosts(hw, runtime=runtime.for_policy(policy.name))
+    return calibration(str(Path(profile).resolve())).costs(hw, policy, model, runtime=runtime)
 
 
 def point_fetch_model(profile: str | None, model: ModelSpec, default: FetchModel) -> FetchModel:

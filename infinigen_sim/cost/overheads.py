@@ -16,8 +16,9 @@ import pandas as pd
 
 from infinigen_sim.cost.card import measured_rows
 from infinigen_sim.cost.grid import fit_affine
-from infinigen_sim.spec.bundle import Bundle
+from infinigen_sim.spec.bundle import Bundle, BundleError
 from infinigen_sim.spec.ops import Op
+from infinigen_sim.spec.runtime import DEFAULT_RUNTIME, RuntimeConfigError, RuntimeSpec, load_runtime
 
 # PhaseTimer spans the CPU engine opens per simulated op on the compute thread: one each, but `ffn` is two
 # (the output projection and the MLP), InfiniGen speculates a layer and then files the new token's
@@ -86,3 +87,19 @@ class Handoff:
                          for p, f in sorted(self.fits.items())}, "source": self.source}
 
 
+
+
+def host_costs(bundle: Bundle) -> dict[str, float]:
+    """host.csv's measured per-op dispatch and per-sync costs, microseconds ({} when not measured)."""
+    rows = measured_rows(bundle.host) if not bundle.host.empty else bundle.host
+    return {str(op): float(part["median_us"].median()) for op, part in rows.groupby("op")} if len(rows) else {}
+
+
+def bundle_runtime(bundle: Bundle) -> RuntimeSpec:
+    """The runtime the bundle measured: meta.yaml's `runtime` (a shipped description's name), else this
+    project's (every bundle before the key was written measured it)."""
+    name = bundle.meta.get("runtime", DEFAULT_RUNTIME)
+    try:
+        return load_runtime(str(name))
+    except RuntimeConfigError as exc:
+        raise BundleError(f"{bundle.path / 'meta.yaml'}: key 'runtime': {exc}") from None

@@ -20,6 +20,8 @@ from typing import Any, Protocol, runtime_checkable
 from infinigen_sim.spec.hardware import HardwareConfig
 from infinigen_sim.spec.models import ModelSpec
 from infinigen_sim.spec.ops import Op
+from infinigen_sim.spec.policies import PolicyName
+from infinigen_sim.spec.runtime import RuntimeSpec, load_runtime
 from infinigen_sim.spec.work import op_work
 
 
@@ -32,16 +34,26 @@ class CostModel(Protocol):
         """GPU time of compute op `op` (spec.ops.COMPUTE_OPS) for `batch` sequences (partial_ratio: speculate)."""
         ...
 
-    def h2d_s(self, nbytes: float, gathered: bool) -> float:
-        """Host-to-GPU copy of `nbytes`; `gathered` = from the gather staging buffer."""
+    def h2d_s(self, nbytes: float, gathered: bool, pageable: bool = False) -> float:
+        """Host-to-GPU copy of `nbytes`; `gathered` = from the gather staging buffer; `pageable` = from
+        ordinary (not page-locked) host memory, copied as the runtime copies it (see spec.runtime.HostMemory)."""
         ...
 
-    def d2h_s(self, nbytes: float) -> float:
-        """GPU-to-host copy of `nbytes`."""
+    def d2h_s(self, nbytes: float, pageable: bool = False) -> float:
+        """GPU-to-host copy of `nbytes` (into pageable host memory when `pageable`)."""
         ...
 
     def gather_s(self, nbytes: float, rows: int) -> float:
         """Host CPU gather of `rows` scattered K/V rows (`nbytes` in all) into a staging buffer."""
+        ...
+
+    def memcpy_s(self, nbytes: float) -> float:
+        """One host thread copying `nbytes` between host buffers (a pin_memory() relay, a staging copy)."""
+        ...
+
+    def dispatch_s(self, policy: PolicyName, family: str) -> float:
+        """What the dispatching host thread pays for one decode layer of `policy` (ops and syncs) in a model of
+        `family` (opt | llama)."""
         ...
 
     def measured_ops(self) -> frozenset[Op]:
@@ -65,34 +77,55 @@ class CostModel(Protocol):
         ...
 
 
+DEFAULT = load_runtime()  # this project's runtime (runtimes/infinigen-sim.yaml)
+
+
 @dataclass(frozen=True)
 class PhysicsCosts:
-    """Roofline times from the hardware YAML: peaks x efficiencies, plus fixed per-call costs."""
+    """Roofline times from the hardware YAML: peaks x efficiencies, plus fixed per-call costs, for the ops and
+    copies of runtime `runtime` (its kernel style, host KV memory, gather and dispatch costs)."""
 
     hw: HardwareConfig
     dtype_bytes: int = 2
+    runtime: RuntimeSpec = DEFAULT
 
     def compute_s(self, op: str, model: ModelSpec, batch: int, n_tokens: int, kv_len: int,
                   *, partial_ratio: float = 1.0) -> float:
         gpu = self.hw.gpu
-        work = op_work(op, model, batch, n_tokens, kv_len, partial_ratio, self.dtype_bytes)
+        work = op_work(op, model, batch, n_tokens, kv_len, partial_ratio, self.dtype_bytes, self.runtime.kernels)
         flop_s = work.flops / (gpu.fp16_tflops * 1e12 * gpu.compute_efficiency)
         byte_s = work.hbm_bytes / (gpu.hbm_gbps * 1e9 * gpu.hbm_efficiency)
         return max(flop_s, byte_s) + gpu.launch_us * 1e-6
 
-    def h2d_s(self, nbytes: float, gathered: bool) -> float:
+    def h2d_s(self, nbytes: float, gathered: bool, pageable: bool = False) -> float:
         link = self.hw.link
-        return _copy_s(nbytes, link.latency_us, link.h2d_gbps * link.h2d_efficiency)
+        return self._link_s(nbytes, link.h2d_gbps * link.h2d_efficiency, pageable)
 
-    def d2h_s(self, nbytes: float) -> float:
+    def d2h_s(self, nbytes: float, pageable: bool = False) -> float:
         link = self.hw.link
-        return _copy_s(nbytes, link.latency_us, link.d2h_gbps * link.d2h_efficiency)
+        return self._link_s(nbytes, link.d2h_gbps * link.d2h_efficiency, pageable)
+
+    def _link_s(self, nbytes: float, pinned_gbps: float, pageable: bool) -> float:
+        """A pinned copy at the link's achievable rate; a direct pageable one through the driver's pinned
+        bounce buffers, whose host memcpy and DMA pipeline: min(link, one thread's memcpy) (first
+        principles: the CUDA driver stages pageable memory through page-locked buffers). A relay's memcpy
+        is priced apart (memcpy_s) and its DMA is a pinned one."""
+        direct = pageable and self.runtime.memory.pageable_copy == "direct"
+        gbps = min(pinned_gbps, self.hw.host.memcpy_gbps) if direct else pinned_gbps
+        return _copy_s(nbytes, self.hw.link.latency_us, gbps)
 
     def gather_s(self, nbytes: float, rows: int) -> float:
         host = self.hw.host
         if nbytes <= 0:
             return 0.0
-        return 2.0 * nbytes / (host.memory_gbps * 1e9 * host.gather_efficiency)  # read rows + write staging
+        per_row = rows * self.runtime.gather.row_ns * 1e-9  # index bookkeeping and a cache miss per row
+        return 2.0 * nbytes / (host.memory_gbps * 1e9 * host.gather_efficiency) + per_row  # read rows + write
+
+    def memcpy_s(self, nbytes: float) -> float:
+        return nbytes / (self.hw.host.memcpy_gbps * 1e9) if nbytes > 0 else 0.0
+
+    def dispatch_s(self, policy: PolicyName, family: str) -> float:
+        return self.runtime.host.layer_s(policy, family)
 
     def measured_ops(self) -> frozenset[Op]:
         return frozenset()  # a roofline has no skew or score rows
@@ -113,8 +146,10 @@ class PhysicsCosts:
             "dtype_bytes": self.dtype_bytes,
             "compute": "max(flops / (fp16_tflops*compute_efficiency), hbm_bytes / (hbm_gbps*hbm_efficiency))"
                        " + launch_us",
-            "transfer": "latency_us + bytes / (gbps*efficiency); no copy for 0 bytes",
-            "gather": "2 * bytes / (host.memory_gbps*gather_efficiency)",
+            "transfer": "latency_us + bytes / (gbps*efficiency); no copy for 0 bytes; direct pageable copies at "
+                        "min(link, host.memcpy_gbps)",
+            "gather": "2 * bytes / (host.memory_gbps*gather_efficiency) + rows * runtime gather.row_ns",
+            "runtime": self.runtime.name,
         }
 
 

@@ -20,7 +20,6 @@ from infinigen_sim.cost.card import (
     Query,
     bundle_dtype_bytes,
     copy_rows,
-    host_memory,
     kernel_seconds,
     regime,
     zoo_model,
@@ -173,15 +172,18 @@ class CopyTable:
 
 
 COPY_LAYOUTS = {"h2d": ("h2d", "contiguous"), "d2h": ("d2h", "contiguous"),
-                "gather": ("h2d", "gathered.gather"), "staged": ("h2d", "gathered.copy")}
+                "gather": ("h2d", "gathered.gather"), "staged": ("h2d", "gathered.copy"),
+                "memcpy": ("h2h", "contiguous")}
+MEMORIES = ("pinned", "pageable")
 
 
-def copy_tables(bundle: Bundle) -> dict[tuple[str, bool], CopyTable]:
-    """{(kind, concurrent): table} for the kinds in COPY_LAYOUTS that the bundle measured."""
-    memory, out = host_memory(bundle), {}
+def copy_tables(bundle: Bundle) -> dict[tuple[str, bool, str], CopyTable]:
+    """{(kind, concurrent, host memory): table} for the kinds in COPY_LAYOUTS that the bundle measured."""
+    out = {}
     for kind, (direction, layout) in COPY_LAYOUTS.items():
         for concurrent in (False, True):
-            rows = copy_rows(bundle, direction, layout, concurrent, memory)
-            if len(rows) >= 2:
-                out[kind, concurrent] = CopyTable.from_rows(rows, gathered=kind in ("gather", "staged"))
+            for memory in MEMORIES:
+                rows = copy_rows(bundle, direction, layout, concurrent, memory)
+                if len(rows) >= 2:
+                    out[kind, concurrent, memory] = CopyTable.from_rows(rows, gathered=kind in ("gather", "staged"))
     return out

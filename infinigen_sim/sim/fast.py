@@ -83,18 +83,35 @@ def _replay_cut(counts: list[int], replay) -> tuple[float, dict[str, float]]:
     return end_s, busy
 
 
-def _fast_step(sc: Scenario, context_len: int) -> tuple[float, dict[str, float]]:
-    """Time and resource busy seconds of one decode step, replayed alone."""
+def _fast_step(sc: Scenario, context_len: int, last: bool) -> tuple[float, dict[str, float]]:
+    """Time and resource busy seconds of one decode step, replayed alone; when the step's first fetch is
+    issued during the previous step's tail, replayed between the step before it and (unless it is the
+    `last` step, which like the runtime issues nothing for a step that never comes) the step after it."""
     runs = layer_runs(sc, context_len)
+    after_previous = sc.runtime.decode.first_fetch == "previous_tail"
 
     def replay(kept: list[int]) -> tuple[float, Machine, int]:
         m = Machine(sc)
-        st = StepState(0, [work for (work, _), k in zip(runs, kept, strict=True) for _ in range(k)], context_len, None)
-        m.env.process(decode_step(m, st))
+        layers = [work for (work, _), k in zip(runs, kept, strict=True) for _ in range(k)]
+        st = StepState(1 if after_previous else 0, layers, context_len, None)
+        if not after_previous:
+            m.env.process(decode_step(m, st))
+            m.env.run()
+            return st.end_s, m, 0
+        before = StepState(0, layers, context_len - 1, None)
+        after = None if last else StepState(2, layers, context_len + 1, None)
+        m.env.process(_steps(m, [before, st] + ([after] if after else [])))
         m.env.run()
-        return st.end_s, m, 0
+        m.layer_start_s = m.layer_start_s[len(layers):2 * len(layers)]  # the steady check reads the measured step
+        return st.end_s - before.end_s, m, 1
 
     return _replay_cut([count for _, count in runs], replay)
+
+
+def _steps(m: Machine, states: list[StepState]):
+    """Decode steps back to back, each issuing the next one's layer-0 fetch during its tail."""
+    for st, nxt in zip(states, [*states[1:], None], strict=True):
+        yield from decode_step(m, st, nxt)
 
 
 def _fast_prefill(sc: Scenario) -> tuple[float, dict[str, float]]:
@@ -144,13 +161,18 @@ def simulate_fast(sc: Scenario) -> SimResult:
     contexts = [sc.prompt_len + step for step in range(n_steps)]
     fetched = [_fetched_rows(sc, context) for context in contexts]
     replayed: dict[int, tuple[float, dict[str, float]]] = {}
+    # With previous_tail the last step issues no fetch for a next one, so it is replayed on its own.
+    tail_differs = sc.runtime.decode.first_fetch == "previous_tail" and n_steps > 1
 
     def step_s(step: int) -> float:
         if step not in replayed:
-            replayed[step] = _fast_step(sc, contexts[step])
+            replayed[step] = _fast_step(sc, contexts[step], step == n_steps - 1)
         return replayed[step][0]
 
-    decode_s = _sum_steps(step_s, contexts, fetched, 0, n_steps - 1)
+    if tail_differs:
+        decode_s = _sum_steps(step_s, contexts, fetched, 0, n_steps - 2) + step_s(n_steps - 1)
+    else:
+        decode_s = _sum_steps(step_s, contexts, fetched, 0, n_steps - 1)
     mid = (n_steps - 1) // 2
     step_s(mid)
     return SimResult(prefill_s, decode_s, replayed[mid][0], replayed[mid][1])

@@ -88,6 +88,8 @@ class Machine:
         self.env = simpy.Environment()
         self.resources = {name: simpy.Resource(self.env, capacity=1) for name in RESOURCES}
         self.h2d, self.gather = sc.placement.h2d, sc.placement.gather
+        if sc.placement.dispatch and sc.runtime.gather.thread == "main":
+            self.gather = "dispatch"  # the runtime gathers on the thread that dispatches the ops
         self.recorder = recorder if recorder is not None else Recorder()
         self.layer_start_s: list[float] = []  # when each layer began, in replay order
         self._times: dict[tuple[LayerWork, int], LayerTimes] = {}
@@ -131,4 +133,7 @@ class StepState:
         self.kv_ready: list[simpy.Event | None] = [None] * len(layers)
         self.weights_ready: list[simpy.Event | None] = [None] * len(layers)
         self.written: list[simpy.Event | None] = [None] * len(layers)
+        self.gathered: list[simpy.Event | None] = [None] * len(layers)  # a main-thread gather finished
+        self.dispatched: list[simpy.Event] = []  # the host dispatched the layer (set when the host costs time)
+        self.layer_done: list[simpy.Event] = []  # the layer's GPU work finished (likewise)
         self.end_s = 0.0

@@ -29,6 +29,10 @@ class LayerTimes(NamedTuple):
     score: float = 0.0  # H2O: the step's score update after attention (when the cost model measured it)
     handoff: float = 0.0  # CPU runtime: what the layer's copy-worker jobs (fetch, commit) cost the compute thread
     job: float = 0.0  # CPU runtime: what one job costs the worker itself
+    fetch_memcpy: float = 0.0  # a host copy before the fetch's DMA: a pin_memory() relay or a gather's temporary
+    fetch_blocks: bool = False  # the fetch is host-synchronous (a direct copy from pageable memory)
+    writeback_blocks: bool = False  # the new row's D2H is host-synchronous (into pageable memory)
+    dispatch: float = 0.0  # what the dispatching host thread pays for the layer's ops and syncs
 
 
 def measured_op(sc: Scenario, op: Op) -> bool:
@@ -41,6 +45,12 @@ def layer_times(sc: Scenario, work: LayerWork, context_len: int) -> LayerTimes:
     cost, model, batch = sc.costs, sc.model, sc.batch
     spec = work.speculate
     handoff = sc.placement.handoff and work.writeback_bytes > 0  # the CPU runtime hands the layer's jobs over
+    memory, gather = sc.runtime.memory, sc.runtime.gather
+    host_model = sc.placement.dispatch  # the CPU runtime's copies are memcpys, priced as measured
+    pageable = host_model and memory.host_kv == "pageable"
+    relay = pageable and memory.pageable_copy == "relay" and not work.gathered  # gathered rows: pinned staging
+    temporary = host_model and work.gathered and gather.via_temporary
+    rows = batch * work.fetch_tokens * model.n_kv_heads * 2  # one per (sequence, KV head) and plane (K, V)
     return LayerTimes(
         norm=cost.compute_s(Op.NORM, model, batch, 1, 0),
         qkv=cost.compute_s(Op.QKV, model, batch, 1, 0),
@@ -52,14 +62,18 @@ def layer_times(sc: Scenario, work: LayerWork, context_len: int) -> LayerTimes:
                                  partial_ratio=sc.policy.partial_ratio) if spec else 0.0,
         topk=cost.compute_s(Op.TOPK, model, batch, 1, context_len) if spec else 0.0,
         indices=cost.d2h_s(batch * work.fetch_tokens * INDEX_BYTES) if work.gathered else 0.0,
-        gather=cost.gather_s(work.fetch_bytes, batch * work.fetch_tokens) if work.gathered else 0.0,
-        fetch=cost.h2d_s(work.fetch_bytes, work.gathered),
-        writeback=cost.d2h_s(work.writeback_bytes),
+        gather=cost.gather_s(work.fetch_bytes, rows) if work.gathered else 0.0,
+        fetch=cost.h2d_s(work.fetch_bytes, work.gathered, pageable and not relay and not work.gathered),
+        writeback=cost.d2h_s(work.writeback_bytes, pageable),
         weights=cost.h2d_s(sc.streamed_weight_bytes, False),
         score=cost.compute_s(Op.SCORE, model, batch, 1, work.attend_tokens)
         if sc.policy.name is PolicyName.H2O and measured_op(sc, Op.SCORE) else 0.0,
         handoff=float(cost.handoff_s(work.fetch_bytes)) if handoff else 0.0,
         job=float(cost.job_s()) if handoff else 0.0,
+        fetch_memcpy=cost.memcpy_s(work.fetch_bytes) if relay or temporary else 0.0,
+        fetch_blocks=pageable and not relay and not work.gathered and work.fetch_bytes > 0,
+        writeback_blocks=pageable and work.writeback_bytes > 0,
+        dispatch=float(cost.dispatch_s(sc.policy.name, model.family.value)) if host_model else 0.0,
     )
 
 
@@ -69,7 +83,7 @@ class PrefillTimes(NamedTuple):
     embed: float
     before_store: list[tuple[Op, float]]  # norm, QKV (+ InfiniGen partial-K setup, INT4 quantise)
     after_store: list[tuple[Op, float]]  # attention, norm, FFN
-    store: float  # one layer's prompt K/V, GPU->host (0 for ideal)
+    store: tuple[float, ...]  # each layer's prompt K/V, GPU->host (0 for ideal)
     weights: float  # the streamed share of one layer's weights, host->GPU
     head: list[tuple[Op, float]]  # final norm and LM head (the first new token)
 
@@ -88,15 +102,23 @@ def prefill_times(sc: Scenario) -> PrefillTimes:
         before.append((Op.SCORE, cost.compute_s(Op.SCORE, model, batch, prompt, prompt)))
     if policy.name is PolicyName.INT4:
         before.append((Op.QUANTIZE, cost.compute_s(Op.QUANTIZE, model, batch, prompt, 0)))
-    stored = prompt if policy.offloaded else 0
-    if policy.name is PolicyName.H2O:  # only the heavy-hitter + recent budget is kept
-        stored = min(prompt, sum(h2o_budget(policy, prompt)))
+    pageable = sc.placement.dispatch and sc.runtime.memory.host_kv == "pageable"
+    per_token = stored_bytes_per_token(policy, model, sc.dtype_bytes)
+
+    def store_s(layer: int) -> float:
+        stored = prompt if policy.offloaded else 0
+        if policy.name is PolicyName.H2O:  # only the heavy-hitter + recent budget is kept
+            stored = min(prompt, sum(h2o_budget(policy, prompt, layer)))
+        return cost.d2h_s(batch * stored * per_token, pageable)
+
+    distinct = policy.head_layers if policy.name is PolicyName.H2O else 0  # layers with budgets of their own
+    stores = [store_s(layer) for layer in range(min(distinct + 1, model.n_layers))]
     return PrefillTimes(
         embed=cost.compute_s(Op.EMBED, model, batch, prompt, 0),
         before_store=before,
         after_store=[(Op.ATTENTION, cost.compute_s(Op.ATTENTION, model, batch, prompt, prompt)),
                      (Op.NORM, norm), (Op.FFN, cost.compute_s(Op.FFN, model, batch, prompt, 0))],
-        store=cost.d2h_s(batch * stored * stored_bytes_per_token(policy, model, sc.dtype_bytes)),
+        store=tuple(stores + [stores[-1]] * (model.n_layers - len(stores))),
         weights=cost.h2d_s(sc.streamed_weight_bytes, False),
         head=[(Op.NORM, cost.compute_s(Op.NORM, model, batch, 1, 0)),
               (Op.LM_HEAD, cost.compute_s(Op.LM_HEAD, model, batch, 1, 0))],

@@ -1,7 +1,10 @@
 """What one replay is of: a point (costs, model, policy, request shape) and where its copies run.
 
 Resources, each capacity 1 and first come first served: `gpu` (the compute stream: kernels run in
-issue order), `h2d_link` and `d2h_link` (the two copy engines), `host_cpu` (the gather thread).
+issue order), `h2d_link` and `d2h_link` (the two copy engines), `host_cpu` (the copy worker: the
+gather thread), `dispatch` (the host thread that dispatches the model's ops, as the runtime description
+prices them; it also runs what that runtime does on its main thread: a gather, a pin_memory() relay,
+a synchronous pageable copy).
 
 Placement (`Placement`): on a GPU box the copies run on their own copy engines and the gather on a
 host thread. The runtime's CPU mode (`CPU_PLACEMENT`) has no copy engines: the copy worker thread
@@ -17,12 +20,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from infinigen_sim.cost.physics import DEFAULT as DEFAULT_RUNTIME
 from infinigen_sim.cost.physics import CostModel
 from infinigen_sim.spec.fetch import DEFAULT_FETCH_MODEL, FetchModel
 from infinigen_sim.spec.models import ModelSpec
 from infinigen_sim.spec.policies import PolicyConfig
+from infinigen_sim.spec.runtime import RuntimeSpec
 
-RESOURCES = ("gpu", "h2d_link", "d2h_link", "host_cpu")
+RESOURCES = ("gpu", "h2d_link", "d2h_link", "host_cpu", "dispatch")
 INDEX_BYTES = 4  # one int32 index per selected row: InfiniGen's indices copied GPU->host
 PREFILL = -1  # step id of the prefill in logs and traces
 
@@ -37,10 +42,13 @@ class Placement:
     handoff: bool = False  # a layer's copy-worker jobs cost the compute thread `costs.handoff_s(bytes)`,
     # each job the worker `costs.job_s()`
     spans: bool = False  # each op on `gpu` is followed by the runtime's timing bookkeeping, `costs.span_s(op)`
+    dispatch: bool = True  # a host thread dispatches the ops (`dispatch`) and the runtime description's host
+    # costs, syncs and pageable copies apply; the CPU runtime's op rows already hold its dispatch
 
 
 GPU_PLACEMENT = Placement()
-CPU_PLACEMENT = Placement(h2d="host_cpu", gather="host_cpu", d2h_inline=True, handoff=True, spans=True)
+CPU_PLACEMENT = Placement(h2d="host_cpu", gather="host_cpu", d2h_inline=True, handoff=True, spans=True,
+                          dispatch=False)
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,7 @@ class Scenario:
     streamed_weight_bytes: float = 0.0  # per layer, copied host->GPU every step (weights that do not fit)
     dtype_bytes: int = 2  # bytes per K/V element before the policy's own encoding (fp32 on the CPU runtime: 4)
     placement: Placement = GPU_PLACEMENT
+    runtime: RuntimeSpec = DEFAULT_RUNTIME  # as the policy runs it (RuntimeSpec.for_policy)
 
     @property
     def n_decode_steps(self) -> int:

@@ -8,6 +8,8 @@ A bundle is a folder:
   transfers.csv   one row per (direction, memory, layout, concurrent, nbytes, row_bytes): copy time
   steps.csv       end-to-end runs, one row per (run, phase, step, layer, op): validation only
   fetch.csv       optional: InfiniGen fetched rows per (model, layer, context_len) from a real model
+  host.csv        optional: the host's per-op dispatch and per-sync costs (ops `dispatch`, `sync`) on the
+                  thread that dispatches the model, what a runtime description's host costs are made of
   trace/          optional Chrome traces
 Rows are keyed by their parameters, so an interrupted collection resumes without loss or duplicates.
 """
@@ -37,12 +39,15 @@ STEP_COLUMNS = [
 ]
 FETCH_KEY = ["model", "source", "alpha", "layer", "context_len"]
 FETCH_COLUMNS = [*FETCH_KEY, "fetched_tokens", "samples"]
+HOST_KEY = ["op", "device"]
+HOST_COLUMNS = [*HOST_KEY, "median_us", "p10_us", "p90_us", "repeats", "status"]
 
 TABLES = {
     "kernels.csv": (KERNEL_KEY, KERNEL_COLUMNS),
     "transfers.csv": (TRANSFER_KEY, TRANSFER_COLUMNS),
     "steps.csv": (STEP_KEY, STEP_COLUMNS),
     "fetch.csv": (FETCH_KEY, FETCH_COLUMNS),
+    "host.csv": (HOST_KEY, HOST_COLUMNS),
 }
 REQUIRED_FILES = ("meta.yaml", "kernels.csv", "transfers.csv")
 COMPLETED = "completed_utc"  # meta.yaml: set when a collection finished; a bundle without it is not used
@@ -62,6 +67,7 @@ class Bundle:
     transfers: pd.DataFrame
     steps: pd.DataFrame
     fetch: pd.DataFrame
+    host: pd.DataFrame
 
     @property
     def device_name(self) -> str:
@@ -121,7 +127,7 @@ STATUS = Column("str", choices=("ok", "oom"))
 COLUMNS: dict[str, dict[str, Column]] = {
     "kernels.csv": {"op": TEXT, "model": TEXT, "dtype": TEXT, "batch_size": COUNT, "n_tokens": COUNT, "kv_len": SIZE,
                     "median_us": TIME_US, "p10_us": TIME_US, "p90_us": TIME_US, "repeats": SIZE, "status": STATUS},
-    "transfers.csv": {"direction": Column("str", choices=("h2d", "d2h", "d2d")),
+    "transfers.csv": {"direction": Column("str", choices=("h2d", "d2h", "d2d", "h2h")),
                       "memory": Column("str", choices=("pinned", "pageable", "device")), "layout": TEXT,
                       "concurrent": Column("bool"), "nbytes": SIZE, "row_bytes": SIZE, "rows": SIZE,
                       "median_us": TIME_US, "p10_us": TIME_US, "p90_us": TIME_US,
@@ -132,6 +138,8 @@ COLUMNS: dict[str, dict[str, Column]] = {
                   "seconds": SECONDS, "context_len": SIZE, "fetched_tokens": SIZE},
     "fetch.csv": {"model": TEXT, "source": TEXT, "alpha": Column("float", 0, allow_inf=True), "layer": SIZE,
                   "context_len": COUNT, "fetched_tokens": Column("float", 0), "samples": COUNT},
+    "host.csv": {"op": Column("str", choices=("dispatch", "sync")), "device": Column("str", choices=("cpu", "cuda")),
+                 "median_us": TIME_US, "p10_us": TIME_US, "p90_us": TIME_US, "repeats": SIZE, "status": STATUS},
 }
 _TIMING_OPTIONAL = {"gbps"}  # empty for copies that move no bytes of their own (handoff rows)
 
@@ -232,4 +240,5 @@ def read_bundle(bundle_dir: str | Path) -> Bundle:
         transfers=_read_table(bundle_dir, "transfers.csv", required=True),
         steps=_read_table(bundle_dir, "steps.csv", required=False),
         fetch=_read_table(bundle_dir, "fetch.csv", required=False),
+        host=_read_table(bundle_dir, "host.csv", required=False),
     )

@@ -75,6 +75,10 @@ class HostSpec:
     reserved_gib: float = field(default=8.0, metadata={
         "help": "host memory not available to KV/weights (OS, framework); below memory_gib", "unit": "GiB",
         "range": (0, 65_536)})
+    memcpy_gbps: float = field(default=4.5, metadata={
+        "help": "one thread's copy rate of a large host buffer (pageable staging, pin_memory relays); default: "
+                "4.2-4.8 GB/s measured on this project's 2-core VM (256 MiB torch copy_); a profile measures "
+                "the real host", "unit": "GB/s", "range": (0.1, 1000)})
 
 
 @dataclass(frozen=True)

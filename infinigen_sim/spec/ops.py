@@ -49,6 +49,9 @@ class Op(str, Enum):
     SPAN = "span"  # the timing bookkeeping the engine adds around every timed op
     HANDOFF = "handoff"  # what handing a layer's copy-worker jobs over costs the compute thread
     JOB = "job"  # what one copy-worker job's own Python costs the worker
+    # the dispatching host thread (a runtime description's host costs; host.csv of a profile)
+    DISPATCH = "dispatch"  # host time per eager op dispatched (a layer's: its ops x dispatch_us + its syncs)
+    SYNC = "sync"  # host time per host<->device synchronisation beyond the wait itself
 
     def __str__(self) -> str:
         return self.value
@@ -81,6 +84,8 @@ OPS: dict[Op, OpInfo] = {
     Op.SPAN: OpInfo("overhead", "tokens", ("decode",)),
     Op.HANDOFF: OpInfo("overhead"),
     Op.JOB: OpInfo("overhead"),
+    Op.DISPATCH: OpInfo("overhead"),
+    Op.SYNC: OpInfo("overhead"),
     Op.GATHER: OpInfo("copy"),
     Op.H2D: OpInfo("copy"),
     Op.D2H: OpInfo("copy"),

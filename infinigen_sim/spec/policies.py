@@ -65,6 +65,10 @@ class PolicyConfig:
     pool_ratio: float | None = field(
         default=None, metadata={"help": "InfiniGen: host KV pool size, share of tokens (None = unlimited)"}
     )
+    head_layers: int = field(default=0, metadata={
+        "help": "H2O: the first layers keep a budget of their own (a runtime description's override)"})
+    head_heavy_ratio: float = field(default=0.0, metadata={"help": "H2O: heavy-hitter share in those layers"})
+    head_recent_ratio: float = field(default=0.0, metadata={"help": "H2O: recent-token share in those layers"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, PolicyName):
@@ -79,6 +83,9 @@ class PolicyConfig:
             "quant_bits": self.quant_bits in (2, 4, 8),
             "quant_group": self.quant_group > 0,
             "pool_ratio": self.pool_ratio is None or 0 < self.pool_ratio <= 1,
+            "head_layers": self.head_layers >= 0,
+            "head_heavy_ratio": 0 <= self.head_heavy_ratio <= 1,
+            "head_recent_ratio": 0 <= self.head_recent_ratio <= 1,
         }
         bad = [key for key, ok in checks.items() if not ok]
         if bad:
@@ -123,11 +130,18 @@ def infinigen_fetch_count(policy: PolicyConfig, layer: int, context_len: int, se
     return int(min(max(1, round(selected)), infinigen_cap(policy, context_len), context_len))
 
 
-def h2o_budget(policy: PolicyConfig, prompt_len: int) -> tuple[int, int]:
-    """(heavy, recent) token budget, fixed from the prompt length for the whole generation."""
-    heavy = max(1, round(policy.heavy_ratio * prompt_len))
-    recent = max(1, round(policy.recent_ratio * prompt_len))
+def h2o_budget(policy: PolicyConfig, prompt_len: int, layer: int | None = None) -> tuple[int, int]:
+    """(heavy, recent) token budget of `layer`, fixed from the prompt length for the whole generation; the
+    first `head_layers` layers keep their own shares (None: a layer past them)."""
+    head = layer is not None and layer < policy.head_layers
+    heavy = max(1, round((policy.head_heavy_ratio if head else policy.heavy_ratio) * prompt_len))
+    recent = max(1, round((policy.head_recent_ratio if head else policy.recent_ratio) * prompt_len))
     return heavy, recent
+
+
+def h2o_kept(policy: PolicyConfig, prompt_len: int, layer: int | None = None) -> int:
+    """Rows H2O keeps for `layer`: its heavy + recent budget, at most the prompt."""
+    return min(prompt_len, sum(h2o_budget(policy, prompt_len, layer)))
 
 
 def fetch_tokens(policy: PolicyConfig, layer: int, context_len: int, prompt_len: int,
@@ -139,7 +153,7 @@ def fetch_tokens(policy: PolicyConfig, layer: int, context_len: int, prompt_len:
     if name in (PolicyName.FLEXGEN, PolicyName.INT4):
         return context_len
     if name is PolicyName.H2O:
-        return min(context_len, sum(h2o_budget(policy, prompt_len)))
+        return min(context_len, sum(h2o_budget(policy, prompt_len, layer)))
     return infinigen_fetch_count(policy, layer, context_len, fetch_model.tokens(context_len, layer))
 
 
@@ -210,8 +224,9 @@ def kv_memory(policy: PolicyConfig, model: ModelSpec, batch: int, prompt_len: in
         return MemoryUse(gpu_bytes=float(layers * batch * total * fp_token), host_bytes=0.0)
     per_token = stored_bytes_per_token(policy, model, dtype_bytes)
     if name is PolicyName.H2O:
-        kept = min(total, sum(h2o_budget(policy, prompt_len)) + 1)
-        return MemoryUse(gpu_bytes=2.0 * batch * kept * fp_token, host_bytes=float(layers * batch * kept * per_token))
+        kept = [min(total, sum(h2o_budget(policy, prompt_len, layer)) + 1) for layer in range(layers)]
+        return MemoryUse(gpu_bytes=2.0 * batch * max(kept) * fp_token,
+                         host_bytes=float(batch * sum(kept) * per_token))
     host_tokens = total
     if name is PolicyName.INFINIGEN and policy.pool_ratio is not None:
         host_tokens = max(1, math.ceil(policy.pool_ratio * total))

@@ -104,8 +104,10 @@ def build_section(where: str, section: str, raw: Any, cls: type, unchecked: Coll
         kind, optional = _kind(hints[name])
         if raw[name] is None and optional:
             kwargs[name] = None
-            continue
-        kwargs[name] = check_value(where, key, raw[name], f, kind, key in unchecked, error)
+        elif dataclasses.is_dataclass(kind):  # a nested section
+            kwargs[name] = build_section(where, key, raw[name], kind, unchecked, error)
+        else:
+            kwargs[name] = check_value(where, key, raw[name], f, kind, key in unchecked, error)
     return cls(**kwargs)
 
 

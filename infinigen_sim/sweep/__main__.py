@@ -35,6 +35,7 @@ from infinigen_sim.spec.hardware import HardwareError, load_hardware
 from infinigen_sim.spec.io import write_text_atomic
 from infinigen_sim.spec.models import UnknownModelError
 from infinigen_sim.spec.policies import PolicyError, parse_policy_name
+from infinigen_sim.spec.runtime import RuntimeConfigError
 from infinigen_sim.sweep import results
 from infinigen_sim.sweep.executors import LOCAL_RAY, BackendError, make_executor
 from infinigen_sim.sweep.grid import POLICY_PREFIX, Point, SweepGrid, expand_points, parse_settings
@@ -123,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report_error(PROG, f"--models: {exc}")
     except (BundleError, CalibrationError) as exc:
         return report_error(PROG, f"--profile: {exc}")
+    except RuntimeConfigError as exc:
+        return report_error(PROG, f"--runtime: {exc}")
     if POLICY_PREFIX + "alpha" in settings:
         print(f"note: policy.alpha does not change simulated fetch counts; they come from the fetch model "
               f"({DEFAULT_FETCH_MODEL.source})", file=sys.stderr)

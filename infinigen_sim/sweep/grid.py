@@ -18,6 +18,9 @@ from infinigen_sim.spec.cli import InputError
 from infinigen_sim.spec.hardware import HardwareConfig, load_hardware, parse_value
 from infinigen_sim.spec.models import get_model
 from infinigen_sim.spec.policies import ALL_POLICIES, PolicyConfig, PolicyError, make_policy
+from infinigen_sim.spec.runtime import DEFAULT_RUNTIME, RuntimeSpec, load_runtime
+
+DEFAULT_SPEC = load_runtime(DEFAULT_RUNTIME)
 
 POLICY_PREFIX = "policy."
 
@@ -36,6 +39,9 @@ class SweepGrid:
         "help": "prompt length", "unit": "tokens", "minimum": 1, "what": "prompt length"})
     gen_lens: tuple[int, ...] = field(default=(128,), metadata={
         "help": "tokens generated per sequence", "unit": "tokens", "minimum": 1, "what": "generated length"})
+    runtime: tuple[str, ...] = field(default=(DEFAULT_RUNTIME,), metadata={
+        "help": "runtime descriptions: names in infinigen_sim/runtimes/ (infinigen-sim: this project's runtime; "
+                "infinigen-artifact: the paper's) or YAML paths", "what": "runtime", "metavar": "NAME|PATH,..."})
 
 
 @dataclass(frozen=True)
@@ -51,10 +57,11 @@ class Point:
     settings: tuple[tuple[str, Any], ...] = ()  # the --set values, (dotted key, value)
     mode: str = "fast"
     profile: str | None = None  # profile bundle folder: costs from its measurements (a path keeps Point picklable)
+    runtime: RuntimeSpec = DEFAULT_SPEC  # how the runtime schedules and pays for each layer
 
     @property
     def params(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"hw": self.hw.name}
+        out: dict[str, Any] = {"hw": self.hw.name, "runtime": self.runtime.name}
         out.update(self.settings)
         out.update(model=self.model, policy=self.policy.name.value, batch_size=self.batch_size,
                    prompt_len=self.prompt_len, gen_len=self.gen_len)
@@ -72,6 +79,7 @@ def expand_points(hw_configs: Sequence[str | Path], grid: SweepGrid,
     settings = settings or {}
     for name in grid.models:
         get_model(name)
+    runtimes = [load_runtime(name) for name in grid.runtime]
     hw_keys = [k for k in settings if not k.startswith(POLICY_PREFIX)]
     policy_keys = [k for k in settings if k.startswith(POLICY_PREFIX)]
     points = []
@@ -82,8 +90,8 @@ def expand_points(hw_configs: Sequence[str | Path], grid: SweepGrid,
                 chosen = tuple(zip(hw_keys + policy_keys, hw_values + policy_values, strict=True))
                 params = {k[len(POLICY_PREFIX):]: v for k, v in zip(policy_keys, policy_values, strict=True)}
                 policies = [_policy(name, params) for name in grid.policies]
-                points += [Point(hw, model, policy, batch, prompt, gen, chosen, mode, profile)
-                           for model in grid.models for prompt in grid.prompt_lens
+                points += [Point(hw, model, policy, batch, prompt, gen, chosen, mode, profile, runtime)
+                           for runtime in runtimes for model in grid.models for prompt in grid.prompt_lens
                            for batch in grid.batch_sizes for gen in grid.gen_lens for policy in policies]
     return points
 

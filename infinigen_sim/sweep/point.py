@@ -25,13 +25,15 @@ RESULT_COLUMNS = ["prefill_s", "decode_s", "total_s", "tokens_per_s", "speedup_v
 def scenario_for(point: Point) -> tuple[Scenario | None, MemoryPlan]:
     """The replay input of `point` and its memory plan (no scenario when it does not fit)."""
     model = get_model(point.model)
-    plan = plan_memory(point.hw, model, point.policy, point.batch_size, point.prompt_len, point.gen_len)
+    runtime = point.runtime.for_policy(point.policy.name)
+    policy = runtime.policies.apply(point.policy)  # the runtime's own per-layer budgets
+    plan = plan_memory(point.hw, model, policy, point.batch_size, point.prompt_len, point.gen_len)
     if not plan.fits:
         return None, plan
-    costs = point_costs(point.profile, point.hw, point.policy, model)
+    costs = point_costs(point.profile, point.hw, policy, model, point.runtime)
     fetch_model = point_fetch_model(point.profile, model, DEFAULT_FETCH_MODEL)
-    return Scenario(costs, model, point.policy, point.batch_size, point.prompt_len,
-                    point.gen_len, fetch_model, plan.streamed_weight_bytes), plan
+    return Scenario(costs, model, policy, point.batch_size, point.prompt_len, point.gen_len, fetch_model,
+                    plan.streamed_weight_bytes, runtime=runtime), plan
 
 
 def simulate_point(point: Point) -> dict[str, Any]:

@@ -73,7 +73,7 @@ def config_conflict(path: Path, config: dict[str, Any]) -> str | None:
     for key in ("version", "mode", "fetch_model", "costs"):
         if old.get(key) != new.get(key):
             return f"'{key}'"
-    for key in ("hardware", "policies"):
+    for key in ("hardware", "policies", "runtimes"):
         for name in old.get(key, {}).keys() & new.get(key, {}).keys():
             if old[key][name] != new[key][name]:
                 return f"'{key}: {name}'"
@@ -101,9 +101,10 @@ def resolved_config(hw_configs: Sequence[str], grid: SweepGrid, settings: dict[s
     for point in points:
         name = "|".join([point.hw.name, *(f"{k}={v}" for k, v in point.settings if not k.startswith(POLICY_PREFIX))])
         hardware.setdefault(name, point.hw.to_dict())
-    policies = {}
+    policies, runtimes = {}, {}
     for point in points:
         policies.setdefault(point.policy.name.value, {**asdict(point.policy), "name": point.policy.name.value})
+        runtimes.setdefault(point.runtime.name, point.runtime.to_dict())
     return {
         "version": package_version,
         "mode": mode,
@@ -112,6 +113,7 @@ def resolved_config(hw_configs: Sequence[str], grid: SweepGrid, settings: dict[s
         "settings": {k: list(v) for k, v in settings.items()},
         "hardware": hardware,
         "policies": policies,
+        "runtimes": runtimes,
         "fetch_model": {**asdict(DEFAULT_FETCH_MODEL), "groups": [list(g) for g in DEFAULT_FETCH_MODEL.groups]},
         "costs": _costs_description(points),
         "decode": "prefill emits the first token; gen_len - 1 decode steps emit the rest",

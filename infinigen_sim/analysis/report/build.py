@@ -60,10 +60,12 @@ def load_results(results_dir: str | Path) -> Results:
     return Results(frame, config if isinstance(config, dict) else {}, path)
 
 
-def compact_results(hw_configs: Sequence[str | Path], model: str, out_dir: Path) -> Results:
-    """COMPACT_GRID for `model` on `hw_configs`, simulated in memory (the caller writes it to `out_dir`)."""
+def compact_results(hw_configs: Sequence[str | Path], model: str, out_dir: Path,
+                    runtimes: Sequence[str] = COMPACT_GRID.runtime) -> Results:
+    """COMPACT_GRID for `model` on `hw_configs` under `runtimes`, simulated in memory (the caller writes it
+    to `out_dir`)."""
     grid = SweepGrid(models=(model,), batch_sizes=COMPACT_GRID.batch_sizes, prompt_lens=COMPACT_GRID.prompt_lens,
-                     gen_lens=COMPACT_GRID.gen_lens)
+                     gen_lens=COMPACT_GRID.gen_lens, runtime=tuple(runtimes))
     points = expand_points(hw_configs, grid)
     frame = run_sweep(points)
     frame["bottleneck"] = frame["bottleneck"].fillna("")

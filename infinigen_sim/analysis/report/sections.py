@@ -30,6 +30,7 @@ from infinigen_sim.analysis.sensitivity import (
 from infinigen_sim.sim.scenario import RESOURCES
 from infinigen_sim.spec.hardware import HardwareConfig, from_raw, load_hardware
 from infinigen_sim.spec.policies import PolicyName
+from infinigen_sim.spec.runtime import DEFAULT_RUNTIME, RuntimeSpec, load_runtime, runtime_from_raw
 
 SECTIONS = ("Summary", "Throughput vs batch", "Speedup over FlexGen vs context length",
             "Speedup vs host-link bandwidth", "Decode-step timeline", "Memory fit", "Bottlenecks",
@@ -46,17 +47,24 @@ class Results:
 
     @property
     def settings(self) -> list[str]:
-        """The --set columns (between hw and model), which with hw name a setup."""
+        """The runtime and --set columns (between hw and model), which with hw name a setup."""
         columns = list(self.frame.columns)
         return columns[columns.index("hw") + 1: columns.index("model")]
 
     def hardware(self, name: str, settings: Mapping[str, Any]) -> HardwareConfig:
         """The hardware a row ran on: from config.yaml (else hw_configs/), with its --set values."""
-        hw_settings = {k: _plain(v) for k, v in settings.items() if not k.startswith("policy.")}
+        hw_settings = {k: _plain(v) for k, v in settings.items() if not k.startswith("policy.") and k != "runtime"}
         for entry in (self.config.get("hardware") or {}).values():
             if isinstance(entry, dict) and entry.get("name") == name:
                 return hardware_with(from_raw(dict(entry), str(self.source / "config.yaml"), name), hw_settings)
         return load_hardware(name, hw_settings)
+
+    def runtime(self, name: str | None) -> RuntimeSpec:
+        """The runtime description a row ran under: from config.yaml (else infinigen_sim/runtimes/)."""
+        entry = (self.config.get("runtimes") or {}).get(name) if name else None
+        if isinstance(entry, dict):
+            return runtime_from_raw(dict(entry), str(self.source / "config.yaml"), str(name))
+        return load_runtime(name or DEFAULT_RUNTIME)
 
 
 def _list(values: list[Any]) -> str:
@@ -102,7 +110,8 @@ class Context:
         if policy:
             params["policy"] = policy
         settings = {k: self.point[k] for k in self.results.settings}
-        return point_from_params(self.results.hardware(self.point["hw"], settings), params)
+        return point_from_params(self.results.hardware(self.point["hw"], settings), params,
+                                 self.results.runtime(self.point.get("runtime")))
 
 
 def section_summary(doc: Doc, ctx: Context) -> None:
@@ -207,7 +216,8 @@ def section_memory(doc: Doc, ctx: Context) -> None:
         settings = {k: _plain(part[k].iloc[0]) for k in ctx.results.settings}
         policy_params = {k[len("policy."):]: v for k, v in settings.items() if k.startswith("policy.")}
         fit = memory_fit(ctx.results.hardware(part["hw"].iloc[0], settings), ctx.point["model"], ctx.policies,
-                         [int(p) for p in sorted(part["prompt_len"].unique())], gen, policy_params)
+                         [int(p) for p in sorted(part["prompt_len"].unique())], gen, policy_params,
+                         ctx.results.runtime(settings.get("runtime")))
         panels.append((label, fit))
     doc.figure(figs.memory(panels, ctx.policies), "memory_fit", "largest batch that fits vs prompt length")
     for label, fit in panels:
