@@ -1,6 +1,7 @@
 """`python -m infinigen_sim.validate BUNDLE [options]`: the simulator against the runtime it models.
 
     python -m infinigen_sim.validate BUNDLE [--hw HW_CONFIG] [--runtime NAME|PATH] [--out DIR]
+        [--trace RUN.json [--trace-step STEP]]
 
 Thin entry over `infinigen_sim.analysis.validate`: every complete run of BUNDLE/steps.csv replayed from
 the bundle's kernels.csv and transfers.csv only; writes validation.csv and validation.md into --out
@@ -16,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from infinigen_sim.analysis.timeline import side_by_side_trace
 from infinigen_sim.analysis.validate import summary_markdown, validate_bundle
 from infinigen_sim.cost.calibrate import CalibrationError
 from infinigen_sim.spec.bundle import BundleError
@@ -24,6 +26,7 @@ from infinigen_sim.spec.hardware import HardwareError, load_hardware
 from infinigen_sim.spec.io import write_text_atomic
 from infinigen_sim.spec.models import UnknownModelError
 from infinigen_sim.spec.runtime import RuntimeConfigError, load_runtime
+from infinigen_sim.spec.trace import trace_json
 
 PROG = "python -m infinigen_sim.validate"
 
@@ -36,6 +39,11 @@ def build_parser() -> Parser:
     parser.add_argument("--runtime", default=None, metavar="NAME|PATH",
                         help="runtime description to predict with: a name in infinigen_sim/runtimes/ or a YAML path "
                              "(default: the runtime the bundle says it measured, meta.yaml runtime)")
+    parser.add_argument("--trace", default=None, metavar="RUN.json",
+                        help="a profiler.run --trace file: also write DIR/trace_side_by_side.json, one decode step "
+                             "of that run measured and predicted (open in ui.perfetto.dev)")
+    parser.add_argument("--trace-step", type=int, default=None, metavar="STEP",
+                        help="the decode step of --trace to compare (default: the middle one)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="folder for validation.csv and validation.md (default: BUNDLE-validation)")
     return parser
@@ -58,15 +66,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise InputError(f"--runtime: {exc}") from None
         check_writable("--out", out, folder=True)
         frame, cal, hw = validate_bundle(args.bundle, hw, runtime)
+        trace = side_by_side_trace(cal, hw, args.trace, runtime, args.trace_step) if args.trace else None
     except (BundleError, CalibrationError, HardwareError, UnknownModelError, InputError) as exc:
         return report_error(PROG, exc)
     text = summary_markdown(frame, cal, hw)
     try:
         write_text_atomic(out / "validation.csv", frame.to_csv(index=False, float_format="%.6g"))
         write_text_atomic(out / "validation.md", text)
+        if trace is not None:
+            write_text_atomic(out / "trace_side_by_side.json", trace_json(trace))
     except OSError as exc:
         return report_error(PROG, f"cannot write {exc.filename}: {exc.strerror}")
     print(text, end="")
+    if trace is not None:
+        info = trace["otherData"]
+        print(f"wrote {out / 'trace_side_by_side.json'}: decode step {info['step']}, measured "
+              f"{info['measured_step_us'] / 1e3:.3f} ms, predicted {info['predicted_step_us'] / 1e3:.3f} ms")
     return 0
 
 

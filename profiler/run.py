@@ -28,9 +28,11 @@ from infinigen_sim.spec.cli import (
     dataclass_from_args,
     report_error,
 )
+from infinigen_sim.spec.io import write_text_atomic
 from infinigen_sim.spec.models import ModelSpec, UnknownModelError, get_model
 from infinigen_sim.spec.policies import ALL_POLICIES, PolicyConfig, PolicyError, make_policy
-from profiler.runtime.engine import Engine, GenerationResult, default_device
+from infinigen_sim.spec.trace import chrome_trace, trace_json
+from profiler.runtime.engine import RUNTIME_DESCRIPTION, Engine, GenerationResult, default_device
 from profiler.runtime.model import Transformer
 from profiler.weights.checkpoint import CheckpointError, load_checkpoint
 from profiler.weights.pretrained import PRETRAINED, load_pretrained
@@ -66,8 +68,11 @@ class RunConfig:
                                              "unit": "generations", "minimum": 0})
     check: bool = field(default=False, metadata={"help": "compare with the ideal policy, teacher-forced"})
     json: bool = field(default=False, metadata={"help": "one JSON object on stdout"})
-    trace: str | None = field(default=None, metadata={"help": "write a torch.profiler Chrome trace (default: none)",
-                                                      "metavar": "FILE.json"})
+    trace: str | None = field(default=None, metadata={
+        "help": "write the measured generation's timeline as a Chrome trace in the simulator's shape (tracks: "
+                "compute / H2D / D2H streams, dispatching thread, copy worker; ts and dur in us); "
+                "`infinigen_sim.validate BUNDLE --trace FILE` puts the prediction beside it (default: none)",
+        "metavar": "FILE.json"})
 
 
 def build_parser() -> Parser:
@@ -106,19 +111,23 @@ def build_engine(config: RunConfig, policy: PolicyConfig, device: torch.device) 
 
 
 def generate(engine: Engine, prompt: torch.Tensor, config: RunConfig) -> GenerationResult:
-    """The warm-up generations, then the measured one (under torch.profiler with --trace)."""
+    """The warm-up generations, then the measured one (its timeline kept with --trace)."""
     for _ in range(config.warmup):
         engine.generate(prompt, config.gen_len)
-    if config.trace is None:
-        return engine.generate(prompt, config.gen_len, keep_logits=config.check)
-    engine.timer.trace = True
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if engine.device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
-        result = engine.generate(prompt, config.gen_len, keep_logits=config.check)
-    prof.export_chrome_trace(str(Path(config.trace)))
-    return result
+    engine.timer.trace = config.trace is not None
+    return engine.generate(prompt, config.gen_len, keep_logits=config.check)
+
+
+def trace_metadata(engine: Engine, policy: PolicyConfig, config: RunConfig, result: GenerationResult) -> dict:
+    """What `infinigen_sim.validate --trace` needs to predict the same run: its point, and the rows each
+    layer fetched at each decode step (InfiniGen's speculation is workload, not timing)."""
+    return {"source": "profiler.run", "runtime": RUNTIME_DESCRIPTION, "model": engine.spec.name,
+            "device": engine.device.type, "dtype": str(engine.dtype).removeprefix("torch."),
+            "policy": policy.name.value, "alpha": policy.alpha,
+            "overlap": policy.overlap, "batch_size": config.batch_size, "prompt_len": config.prompt_len,
+            "gen_len": config.gen_len, "threads": torch.get_num_threads(),
+            "fetched_per_step": [list(map(int, step.fetched)) for step in result.steps],
+            "step_wall_s": [step.wall_s for step in result.steps], "prefill_wall_s": result.prefill.wall_s}
 
 
 def compare(result: GenerationResult, prompt: torch.Tensor, engine: Engine) -> dict:
@@ -144,6 +153,9 @@ def run(config: RunConfig, policy: PolicyConfig) -> dict:
         gen = torch.Generator().manual_seed(config.seed)
         prompt = torch.randint(0, engine.spec.vocab_size, (config.batch_size, config.prompt_len), generator=gen)
         result = generate(engine, prompt, config)
+        if config.trace is not None:
+            trace = chrome_trace(engine.timer.timeline, metadata=trace_metadata(engine, policy, config, result))
+            write_text_atomic(Path(config.trace), trace_json(trace))
         steps = len(result.steps)
         out = {
             "policy": policy.name.value, "model": engine.spec.name, "device": device.type,

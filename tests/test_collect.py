@@ -30,6 +30,7 @@ from infinigen_sim.spec.bundle import (
 from infinigen_sim.spec.models import get_model
 from infinigen_sim.spec.ops import Op, ops_in_pass
 from infinigen_sim.spec.policies import ALL_POLICIES
+from infinigen_sim.spec.runtime import load_runtime
 from profiler import collect
 from profiler.bench import collection, host, kernels
 from profiler.bench.kernel_passes import cache_pass, decode_pass, prefill_pass
@@ -109,8 +110,18 @@ def test_quick_bundle_reads_back(quick_bundle: Path) -> None:
                                     "gathered_batch.gather", "gathered_batch.copy"}
     assert (gathered.rows * gathered.row_bytes == gathered.nbytes).all()
     assert {10240, 1024} <= set(gathered.row_bytes)  # opt-13b fp16 row and tiny-opt's fp32 row
+    assert {256, 1024, 8192} <= set(gathered[gathered.layout == "gathered.gather"].row_bytes)  # by row size
+    h2h = bundle.transfers[bundle.transfers.direction == "h2h"]
+    assert set(h2h.layout) == {"contiguous"} and set(h2h.memory) == {"pageable"} and (h2h.gbps > 0).all()
+    h2d = bundle.transfers[(bundle.transfers.direction == "h2d") & (bundle.transfers.layout == "contiguous")]
+    assert set(h2h.nbytes) == set(h2d.nbytes)  # the same octave sizes as the link copies
+    host = bundle.host.set_index("op")
+    assert set(host.index) == {"dispatch", "sync"} and (host.device == "cpu").all()
+    assert (host.median_us > 0).all() and (host.p10_us <= host.median_us).all() and (host.repeats >= 5).all()
+    assert meta["runtime"] == "infinigen-sim" and load_runtime(meta["runtime"]).name == "infinigen-sim"
     printed = collection.format_summary(collect.resolve(collect.parse_args([*QUICK, "--out", str(quick_bundle)])))
     assert "h2d pageable contiguous peak" in printed and "% of ceiling" in printed
+    assert "h2h pageable host memcpy peak" in printed
     assert "gathered 1024x10240 B" in printed and "attention  b4" in printed and "copy-worker handoff" in printed
     assert "tiny-opt/infinigen/b2/p128/g16" in printed and "tok/s" in printed
     op_lines = {line.split()[1]: line for line in printed.splitlines() if line.startswith("  tiny-opt     ")}

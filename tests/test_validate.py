@@ -18,6 +18,7 @@ only) do not. small-opt, whose weights stream from memory either way, stays with
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -28,6 +29,7 @@ import pytest
 import yaml
 
 from infinigen_sim.analysis.validate import Run, abs_errors, fetch_model_of, measured_times, validate_bundle
+from infinigen_sim.spec.ops import Op
 from infinigen_sim.validate import main
 from profiler import collect
 
@@ -168,3 +170,45 @@ def test_infinigen_fetch_counts_are_replayed_per_layer():
     model = fetch_model_of(run, n_layers=2)
     assert model.tokens(9, layer=1) == pytest.approx(4.0) and model.tokens(100, layer=0) == pytest.approx(8.5)
     assert fetch_model_of(Run.from_rows("r", _rows("flexgen", {0: [8, 9], 1: [8, 9]})), 2) is None
+
+
+# ---- the runtime's timeline beside the prediction --------------------------------------------
+def test_trace_puts_one_measured_step_beside_its_prediction(quick_bundle, tmp_path, capsys):
+    from profiler.run import main as run_main
+
+    trace = tmp_path / "run.json"
+    assert run_main(["--model", "tiny-opt", "--policy", "infinigen", "--batch-size", "2", "--prompt-len", "128",
+                     "--gen-len", "6", "--threads", "1", "--trace", str(trace)]) == 0
+    out = tmp_path / "val"
+    assert main([str(quick_bundle), "--trace", str(trace), "--trace-step", "2", "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out.splitlines()[-1]
+    both = json.loads((out / "trace_side_by_side.json").read_text())
+    names = {e["pid"]: e["args"]["name"] for e in both["traceEvents"] if e.get("name") == "process_name"}
+    assert set(names.values()) == {"measured: gpu", "measured: host", "predicted: gpu", "predicted: host"}
+    events = [e for e in both["traceEvents"] if e["ph"] == "X"]
+    measured = [e for e in events if names[e["pid"]].startswith("measured")]
+    predicted = [e for e in events if names[e["pid"]].startswith("predicted")]
+    for side in (measured, predicted):
+        assert {e["args"]["step"] for e in side} == {2}
+        assert min(e["ts"] for e in side) == 0.0
+        assert {"attention", "ffn", "gather"} <= {e["name"] for e in side}  # compute thread and copy worker
+        assert {e["cat"] for e in side} >= {"gpu", "host_cpu"}
+    assert {e["name"] for e in measured} <= {op.value for op in Op}
+    info = both["otherData"]
+    assert info["step"] == 2 and info["run"]["policy"] == "infinigen" and info["measured_step_us"] > 0
+
+
+def test_a_trace_of_another_device_or_a_foreign_file_is_one_line(quick_bundle, tmp_path):
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text('{"traceEvents": [{"ph": "X", "name": "x"}]}')
+    cuda = tmp_path / "cuda.json"
+    cuda.write_text(json.dumps({"traceEvents": [], "otherData": {
+        "model": "tiny-opt", "policy": "flexgen", "alpha": 4, "overlap": True, "batch_size": 1, "prompt_len": 8,
+        "gen_len": 3, "device": "cuda", "fetched_per_step": []}}))
+    for path, needle in ((foreign, "not a trace this project wrote"), (cuda, "a cuda run, but the bundle measured cpu"),
+                         (tmp_path / "none.json", "cannot read")):
+        result = subprocess.run([sys.executable, "-m", "infinigen_sim.validate", str(quick_bundle), "--trace",
+                                 str(path), "--out", str(tmp_path / f"out-{path.stem}")], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and needle in result.stderr, result.stderr
+        assert not (tmp_path / f"out-{path.stem}").exists()

@@ -131,16 +131,17 @@ def h2o_fetch_matches(run: Run) -> bool | None:
 
 
 # ---- predicted -------------------------------------------------------------------------------
-def scenario(cal: Calibration, hw: HardwareConfig, run: Run, runtime: RuntimeSpec | None = None) -> Scenario:
+def scenario(cal: Calibration, hw: HardwareConfig, run: Run, runtime: RuntimeSpec | None = None,
+             fetch: FetchModel | None = None) -> Scenario:
     """The run's point on `hw` under `runtime` (default: the one the bundle measured): the profiled box
     itself (its dtype, and the CPU runtime's placement for a CPU bundle), or another card (fp16 K/V, copy
-    engines)."""
+    engines). InfiniGen's fetched rows: `fetch`, else the run's rows."""
     model = get_model(run.model)
     own_box = cal.reference(hw) is None
     dtype_bytes = cal.kernels.dtype_bytes if own_box else 2
     runtime = (runtime or cal.runtime).for_policy(run.policy.name)
     costs = cal.costs(hw, run.policy, model, dtype_bytes, runtime)
-    fetch = fetch_model_of(run, model.n_layers)
+    fetch = fetch or fetch_model_of(run, model.n_layers)
     extra = {"fetch_model": fetch} if fetch is not None else {}
     placement = CPU_PLACEMENT if cal.cpu and own_box else GPU_PLACEMENT
     return Scenario(costs, model, run.policy, run.batch_size, run.prompt_len, run.gen_len,

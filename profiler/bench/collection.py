@@ -1,16 +1,17 @@
 """One collection of a profile bundle: what it measures (`Plan`) and the passes that write its tables.
 
-`collect(plan)` writes meta.yaml first (so an interrupted bundle still says what it is), then the copy
-sweep (`transfers`) and, model by model, the op sweep (`kernels`) and the end-to-end runs (`steps`) -
-a model's runs right after its ops, one state of a shared box - and last the fetch pass (`fetch`),
-each appending rows through `spec.bundle.append_rows` as they complete. With `plan.resume` rows whose
-key is already in the bundle are skipped, so a killed run loses nothing and duplicates nothing. It
-ends by reading the bundle back and returning a summary with roofline figures. `python -m
-profiler.collect` turns flags into a Plan.
+`collect(plan)` writes meta.yaml first (so an interrupted bundle still says what it is), then the
+host's per-op dispatch and per-sync costs (`host`), the copy sweep (`transfers`) and, model by model,
+the op sweep (`kernels`) and the end-to-end runs (`steps`) - a model's runs right after its ops, one
+state of a shared box - and last the fetch pass (`fetch`), each appending rows through
+`spec.bundle.append_rows` as they complete. With `plan.resume` rows whose key is already in the bundle
+are skipped, so a killed run loses nothing and duplicates nothing. It ends by reading the bundle back
+and returning a summary with roofline figures. `python -m profiler.collect` turns flags into a Plan.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from tqdm import tqdm
 from infinigen_sim.spec.bundle import (
     FETCH_COLUMNS,
     FETCH_KEY,
+    HOST_COLUMNS,
+    HOST_KEY,
     KERNEL_COLUMNS,
     KERNEL_KEY,
     STEP_COLUMNS,
@@ -40,10 +43,12 @@ from profiler.bench import kernels, steps, transfers
 from profiler.bench.fetch import FetchBench, FetchPass
 from profiler.bench.fetch import summary_lines as fetch_lines
 from profiler.bench.host import collect_meta, load_average, utc_now
+from profiler.bench.host_costs import host_rows
 from profiler.bench.kernels import GRIDS, KernelBench, dtype_name, kernel_tasks
 from profiler.bench.steps import STEP_GRIDS, StepBench, StepRun, step_runs
 from profiler.bench.transfer_grid import BATCH_SEQS, REFERENCE_MODEL, infinigen_row_bytes, make_sweep, transfer_points
 from profiler.bench.transfers import TransferBench, load_description
+from profiler.runtime.engine import RUNTIME_DESCRIPTION
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,9 @@ def plan_meta(plan: Plan) -> dict[str, Any]:
         },
         "steps": {"grid": _plain(asdict(STEP_GRIDS[(plan.device.type, plan.quick)])),
                   "policies": list(plan.policies), "source": "profiler.runtime.engine.Engine.generate"},
+        "runtime": RUNTIME_DESCRIPTION,
+        "host_costs": {"ops": ["dispatch", "sync"], "source": "profiler.bench.host_costs",
+                       "timing": "perf_counter on the collecting (dispatching) thread"},
     }
 
 
@@ -124,6 +132,17 @@ def run_transfers(plan: Plan, bar: tqdm, generator: torch.Generator) -> None:
             bar.update()
     finally:
         bench.close()
+
+
+def run_host(plan: Plan, bar: tqdm) -> None:
+    """host.csv: the dispatching thread's per-op and per-sync costs, unless already there."""
+    path = plan.out / "host.csv"
+    done = done_keys(path, HOST_KEY) if plan.resume else set()
+    if not {("dispatch", plan.device.type), ("sync", plan.device.type)} <= done:
+        bar.set_postfix_str("host dispatch and sync", refresh=False)
+        rows = [r for r in host_rows(plan.device, plan.repeats, plan.warmup) if row_key(r, HOST_KEY) not in done]
+        append_rows(path, rows, HOST_COLUMNS)
+    bar.update()
 
 
 def run_kernels(plan: Plan, bar: tqdm) -> None:
@@ -178,7 +197,7 @@ def count_points(plan: Plan) -> int:
         return fetch
     sweep = make_sweep(plan.device, list(plan.models), plan.quick)
     tasks = kernel_tasks(list(plan.models), dtype_name(plan.device), GRIDS[(plan.device.type, plan.quick)])
-    return len(transfer_points(sweep)) + len(tasks) + len(plan_runs(plan)) + fetch
+    return 1 + len(transfer_points(sweep)) + len(tasks) + len(plan_runs(plan)) + fetch  # 1: the host pass
 
 
 def plan_runs(plan: Plan) -> list[StepRun]:
@@ -201,8 +220,10 @@ def collect(plan: Plan, existing_meta: dict[str, Any] | None = None) -> str:
     if plan.fetch is not None:
         meta["fetch"] = fetch_meta(plan.fetch, plan.device, meta.get("fetch"))
     write_meta(plan.out, meta)  # first, so that an interrupted bundle still says what it is
+    warn_if_busy(meta.get("host", {}))
     with tqdm(total=count_points(plan), unit="point", desc="collect", dynamic_ncols=True) as bar:
         if not plan.fetch_only:
+            run_host(plan, bar)
             run_transfers(plan, bar, generator)
             for model in plan.models:  # a model's runs right after its ops: one state of a shared box
                 run_kernels(replace(plan, models=(model,)), bar)
@@ -215,6 +236,19 @@ def collect(plan: Plan, existing_meta: dict[str, Any] | None = None) -> str:
     if plan.fetch_only:
         return "\n".join(fetch_summary(plan, pd.read_csv(plan.out / "fetch.csv")))
     return format_summary(plan)
+
+
+BUSY_LOAD_PER_CORE = 0.5  # a 1-min load above this share of the cores: other processes share the timings
+
+
+def warn_if_busy(host: dict[str, Any]) -> None:
+    """A note on stderr when other processes load the box: every timing (and a validation against them)
+    is inflated by time slices the collection did not get; meta.yaml records the load either way."""
+    load, cores = (host.get("load_avg_1_5_15") or [None])[0], host.get("usable_cores")
+    if isinstance(load, (int, float)) and isinstance(cores, int) and load > BUSY_LOAD_PER_CORE * cores:
+        print(f"note: the box is busy (1-min load {load:.1f} on {cores} usable cores): timings include other "
+              f"processes' time slices; collect on an idle box for a bundle to calibrate or validate with",
+              file=sys.stderr)
 
 
 def fetch_meta(fetch: FetchPass, device: torch.device, before: dict[str, Any] | None) -> dict[str, Any]:

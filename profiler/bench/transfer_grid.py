@@ -1,7 +1,10 @@
 """What the copy sweep measures: its sizes, row sizes and points, the keys of transfers.csv's rows.
 
 Key (direction, memory, layout, concurrent, nbytes, row_bytes):
-  direction   h2d | d2h | d2d (d2d: a device-memory copy, the ceiling for the kernel rooflines)
+  direction   h2d | d2h | d2d (d2d: a device-memory copy, the ceiling for the kernel rooflines) | h2h
+              (h2h: a host memcpy from the `memory` pool on the calling thread, timed by perf_counter:
+              what a pin_memory() relay, a gather into a temporary or the driver's staging of a pageable
+              copy costs the host; memcpy_gbps of the host)
   memory      pinned | pageable host buffers (pinned only on CUDA); `device` for d2d
   layout      contiguous          one block of nbytes (rows = row_bytes = 0)
               gathered            the InfiniGen fetch end to end: host index_select of `rows` scattered
@@ -9,7 +12,8 @@ Key (direction, memory, layout, concurrent, nbytes, row_bytes):
                                   staging buffer; row_bytes is one token's K or V row of one layer
                                   (kv_dim x dtype: the paper's unit) or of one KV head (head_dim x
                                   dtype: the runtime gathers per (sequence, KV head) from its
-                                  token-major (S, B, Hkv, D) cache)
+                                  token-major (S, B, Hkv, D) cache); GATHER_ROW_BYTES are always
+                                  measured too, the gather cost by row size a runtime description needs
               gathered.gather     the host gather alone (timed inside the same loop)
               gathered.copy       the copy of the staging buffer alone
               gathered_batch[.gather|.copy]   the same with the rows spread over BATCH_SEQS sequences
@@ -43,6 +47,7 @@ KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 REFERENCE_MODEL = "opt-13b"  # the paper's evaluation model: its fp16 K/V row is "the InfiniGen row"
 BATCH_SEQS = 8  # sequences a batch-strided gather spreads its rows over
 POOL_CAP_BYTES = 4 * GIB  # largest host KV pool the gathers draw from
+GATHER_ROW_BYTES = (256, 1 * KIB, 8 * KIB)  # row sizes every bundle has: per-head fp16 rows up to whole layers
 
 
 def kv_dtype(device: torch.device) -> torch.dtype:
@@ -90,8 +95,8 @@ def make_sweep(device: torch.device, models: list[ModelSpec], quick: bool) -> Tr
     pinned and pageable on CUDA, pageable on CPU."""
     memories = ("pinned", "pageable") if device.type == "cuda" else ("pageable",)
     itemsize = torch.empty(0, dtype=kv_dtype(device)).element_size()
-    rows = sorted({infinigen_row_bytes(), runtime_row_bytes(), *(m.kv_dim * itemsize for m in models),
-                   *(m.head_dim * itemsize for m in models)})
+    rows = sorted({infinigen_row_bytes(), runtime_row_bytes(), *GATHER_ROW_BYTES,
+                   *(m.kv_dim * itemsize for m in models), *(m.head_dim * itemsize for m in models)})
     largest = 16 * MIB if quick else GIB if device.type == "cuda" else 256 * MIB
     return TransferSweep(max_bytes=largest, memories=memories, row_bytes=tuple(rows),
                          handoff_model=models[0] if device.type == "cpu" and models else None)
@@ -161,6 +166,8 @@ def transfer_points(sweep: TransferSweep) -> list[TransferPoint]:
                 points += [TransferPoint("h2d", memory, "gathered_batch", concurrent, r * row_bytes, row_bytes)
                            for r in counts if r >= BATCH_SEQS]
     points += [TransferPoint("d2d", "device", "contiguous", False, n) for n in sweep.sizes]
+    points += [TransferPoint("h2h", memory, "contiguous", False, n) for memory in sweep.memories
+               for n in sweep.sizes]
     spec = sweep.handoff_model
     if spec is not None:
         points += [TransferPoint("h2d", sweep.memories[0], "handoff", True, fetch_bytes(policy, spec, n), 0, policy, n)

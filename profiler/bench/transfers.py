@@ -83,7 +83,10 @@ class TransferBench:
             return [point.row(layout, samples) for layout in point.layouts.values()]
         try:
             gather, copy = self._stages(point)
-            samples = self._run(gather, copy, point.concurrent)
+            if point.direction == "h2h":  # a host memcpy on this thread: perf_counter around it
+                samples = {"total": time_fn(copy, torch.device("cpu"), self.repeats, self.warmup)}
+            else:
+                samples = self._run(gather, copy, point.concurrent)
         except Exception as exc:  # noqa: BLE001 - only allocator exhaustion is recorded, the rest re-raised
             if not is_oom(exc):
                 raise
@@ -98,6 +101,8 @@ class TransferBench:
         if point.direction == "d2d":
             return None, lambda: self._dev2[:n].copy_(self._dev[:n], non_blocking=True)
         pool, staging = self._buffers(point.memory)
+        if point.direction == "h2h":
+            return None, lambda: staging[:n].copy_(pool[:n])
         if point.direction == "d2h":
             return None, lambda: staging[:n].copy_(self._dev[:n], non_blocking=True)
         copy = lambda: self._dev[:n].copy_(staging[:n] if point.row_bytes else pool[:n], non_blocking=True)  # noqa: E731
@@ -241,6 +246,10 @@ def summary_lines(frame, memories: list[str], row_bytes: int) -> list[str]:
     d2d = peak_row(frame, "d2d", "device")
     if d2d is not None:
         lines.append(_line(d2d, "d2d device contiguous peak", d2d.gbps, "ceiling"))
+    for memory in memories:
+        h2h = peak_row(frame, "h2h", memory)
+        if h2h is not None:
+            lines.append(_line(h2h, f"h2h {memory} host memcpy peak (one thread)", h2h.gbps, "ceiling"))
     handoff = frame[frame.layout.str.startswith("handoff.") & (frame.status == "ok")]
     for row in handoff.itertuples():
         what = f"copy-worker {row.layout}: a layer's fetch + commit, compute-thread cost"

@@ -38,6 +38,9 @@ CACHES: dict[PolicyName, type[KVCache]] = {
 }
 
 
+RUNTIME_DESCRIPTION = "infinigen-sim"  # the description of this runtime: infinigen_sim/runtimes/infinigen-sim.yaml
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -135,6 +138,7 @@ class Engine:
 
     def _timed(self, step: int, context_len: int, fn: Callable[[], tuple[Tensor, list[int]]]
                ) -> tuple[Tensor, StepRecord]:
+        self.timer.begin_step(-1 if step < 0 else step)
         t0 = time.perf_counter()
         logits, fetched = fn()
         if self.device.type == "cuda":
