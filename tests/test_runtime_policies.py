@@ -73,6 +73,20 @@ def test_h2o_never_exceeds_its_budget(name):
         assert (kept == p).any(dim=-1).all()
 
 
+def test_h2o_head_layers_keep_a_budget_of_their_own():
+    """The artifact's H2O: layers 0-1 keep half the prompt as heavy hitters and half as recent (all of it),
+    the other layers the usual budget; every layer fetches exactly its own budget."""
+    spec = get_model("tiny-opt")
+    policy = make_policy("h2o", heavy_ratio=0.15, recent_ratio=0.1, head_layers=1, head_heavy_ratio=0.5,
+                         head_recent_ratio=0.5)
+    result, _, cache = run_with_reference(spec, policy, prompt_ids(spec, length=40), gen_len=6)
+    budgets = [sum(h2o_budget(policy, 40, layer)) for layer in range(spec.n_layers)]
+    assert budgets[0] == 40 > budgets[1] == sum(h2o_budget(policy, 40))
+    for step in result.steps:
+        assert step.fetched == [min(step.context_len, b) for b in budgets]
+    assert cache.host_rows == 40 and cache.entries[1:] == budgets[1:]
+
+
 def test_h2o_prefill_keeps_recent_and_heaviest():
     mass = torch.tensor([[[5.0, 0.1, 3.0, 0.2, 4.0, 0.0, 0.0]]])  # (B=1, Hkv=1, T=7)
     keep = select_heavy_recent(mass, heavy=2, recent=2)

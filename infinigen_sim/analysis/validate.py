@@ -126,7 +126,7 @@ def h2o_fetch_matches(run: Run) -> bool | None:
     rows = run.rows[(run.rows["phase"] == "decode") & (run.rows["layer"] >= 0)]
     fetched = rows.groupby(["step", "layer"])["fetched_tokens"].first()
     contexts = rows.groupby(["step", "layer"])["context_len"].first()
-    budget = sum(h2o_budget(run.policy, run.prompt_len))
+    budget = [sum(h2o_budget(run.policy, run.prompt_len, int(layer))) for layer in fetched.index.get_level_values(1)]
     return bool((fetched == np.minimum(contexts, budget)).all())
 
 

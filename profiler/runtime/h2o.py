@@ -1,13 +1,15 @@
 """`h2o`: heavy hitters + recent tokens within a fixed budget, held in host memory (Zhang et al. 2023).
 
 Per (sequence, KV head) the cache keeps at most heavy + recent rows (spec.policies.h2o_budget, fixed
-from the prompt length). Each token's score is its accumulated attention probability, summed over every
-query so far and over the query heads sharing the KV head. At prefill the prompt's scores come from
-its causal attention and the kept set is the `recent` last tokens plus the `heavy` best-scoring
-others. Each decode step fetches the kept rows (a contiguous prefix, no gather), attends over them
-plus the new token, adds the probabilities to the scores and, once over budget, evicts the
-lowest-scoring row outside the recent window; the new token takes the evicted row's slot, so the
-host rows stay a dense prefix. Scores and positions live on the device, next to the probabilities.
+from the prompt length per layer: the first `head_layers` layers may keep shares of their own, as the
+InfiniGen artifact's H2O keeps half the prompt as heavy hitters in layers 0-1). Each token's score is
+its accumulated attention probability, summed over every query so far and over the query heads sharing
+the KV head. At prefill the prompt's scores come from its causal attention and the kept set is the
+`recent` last tokens plus the `heavy` best-scoring others. Each decode step fetches the kept rows (a
+contiguous prefix, no gather), attends over them plus the new token, adds the probabilities to the
+scores and, once over budget, evicts the lowest-scoring row outside the recent window; the new token
+takes the evicted row's slot, so the host rows stay a dense prefix. Scores and positions live on the
+device, next to the probabilities.
 
 The new row's D2H is issued after QKV as for every policy; its slot is known only after attention,
 so its commit into the host cache (on the copy worker) is submitted from `after_attention`.
@@ -39,9 +41,10 @@ class HeavyHitterCache(OffloadedCache):
     needs_probs = True
 
     def _host_rows(self, max_rows: int, prompt_len: int) -> int:
-        self.heavy, self.recent = h2o_budget(self.policy, prompt_len)
-        self.budget = self.heavy + self.recent
-        return min(max_rows, self.budget)
+        """Each layer's (heavy, recent) budget (the first `head_layers` may keep their own shares, as the
+        InfiniGen artifact's H2O does); every layer's host planes hold the largest."""
+        self.budgets = [h2o_budget(self.policy, prompt_len, layer) for layer in range(self.n_layers)]
+        return min(max_rows, max(heavy + recent for heavy, recent in self.budgets))
 
     def allocate(self, batch: int, max_rows: int, prompt_len: int) -> None:
         super().allocate(batch, max_rows, prompt_len)
@@ -58,12 +61,13 @@ class HeavyHitterCache(OffloadedCache):
 
     def store_prompt(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> None:
         B, T, Hkv, _ = k.shape
+        heavy, recent = self.budgets[layer]
         with self.timer.span(Op.SCORE, layer):
             mass = prompt_attention_mass(q, k)  # (B, Hkv, T)
-            if T <= self.budget:
+            if T <= heavy + recent:
                 keep = torch.arange(T, device=k.device).expand(B, Hkv, T)
             else:
-                keep = select_heavy_recent(mass, self.heavy, self.recent)
+                keep = select_heavy_recent(mass, heavy, recent)
             m = keep.shape[-1]
             self.score[layer, ..., :m] = mass.gather(-1, keep)
             self.pos[layer, ..., :m] = keep
@@ -79,11 +83,12 @@ class HeavyHitterCache(OffloadedCache):
         assert probs is not None
         new_pos = self.context_len
         score, pos = self.score[layer], self.pos[layer]  # (B, Hkv, budget + 1)
+        heavy, window = self.budgets[layer]
         with self.timer.span(Op.SCORE, layer):
             score[..., n], pos[..., n] = 0.0, new_pos
             score[..., : n + 1] += probs.float().sum(dim=2)  # (B, Hkv, G, n+1) -> the KV head's share
-            if n + 1 > self.budget:
-                recent = pos[..., : n + 1] > new_pos - self.recent
+            if n + 1 > heavy + window:
+                recent = pos[..., : n + 1] > new_pos - window
                 slot = score[..., : n + 1].masked_fill(recent, float("inf")).argmin(-1, keepdim=True)
                 score.scatter_(-1, slot, score[..., n : n + 1])  # the new token moves into the evicted slot
                 pos.scatter_(-1, slot, pos[..., n : n + 1])
