@@ -306,3 +306,21 @@ def test_infinigen_is_no_faster_than_all_on_gpu_under_the_artifact():
     steps = {p: simulate(scenario_for(Point(hw, "opt-6.7b", make_policy(p), 8, 2048, 8, runtime=art))[0])
              for p in ("ideal", "infinigen")}
     assert steps["infinigen"].step_s > steps["ideal"].step_s
+
+
+def test_the_studys_ablation_swaps_one_section_everywhere():
+    import importlib.util
+
+    from infinigen_sim.spec.runtime import RUNTIME_DIR, load_runtime_raw
+
+    path = RUNTIME_DIR.parent.parent / "experiments" / "runtime_study.py"
+    spec = importlib.util.spec_from_file_location("runtime_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    ours, art = load_runtime_raw("infinigen-sim"), load_runtime_raw("infinigen-artifact")
+    variant = study.ablated(art, ours, ("memory",), "artifact-without-memory")
+    sim, artifact = load_runtime("infinigen-sim"), load_runtime("infinigen-artifact")
+    for policy in PolicyName:
+        assert variant.for_policy(policy).memory == sim.memory  # by_policy's memory overrides dropped too
+        assert variant.for_policy(policy).decode == artifact.for_policy(policy).decode  # the rest untouched
+    assert len(study.runtimes()) == 2 + len(study.MECHANISMS)
