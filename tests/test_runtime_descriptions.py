@@ -79,7 +79,7 @@ def test_a_description_inherits_from_its_base(tmp_path):
     ("by_policy: {sparse: {}}\n", ("by_policy", "sparse")),
     ("by_policy: {h2o: {decode: {fetch_issue: up}}}\n", ("by_policy.h2o.decode.fetch_issue",)),
     ("by_policy: {h2o: {schedule: {}}}\n", ("by_policy.h2o",)),
-    ("base: nowhere\n", ("key 'base'", "'nowhere'", "shipped: infinigen-artifact")),
+    ("base: nowhere\n", ("key 'base'", "'nowhere'", "known there: infinigen-artifact")),
     ("- a\n- b\n", ("expected a mapping",)),
 ])
 def test_bad_runtime_yaml_is_one_line(tmp_path, text, needles):
@@ -101,7 +101,7 @@ def test_a_base_cycle_and_an_unknown_name_are_one_line(tmp_path):
     (tmp_path / "b.yaml").write_text("base: a\n")
     with pytest.raises(RuntimeConfigError, match="circular base chain"):
         load_runtime(tmp_path / "a.yaml")
-    with pytest.raises(RuntimeConfigError, match="known: .*infinigen-artifact"):
+    with pytest.raises(RuntimeConfigError, match="known in .*infinigen-artifact"):
         load_runtime("no-such-runtime")
 
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from infinigen_sim.spec.io import parse_yaml, read_yaml_mapping
+from infinigen_sim.spec.io import load_with_bases, parse_yaml, read_yaml_mapping, resolve_named
 from infinigen_sim.spec.schema import UNCHECKED, build_section, check_value, shown, unchecked_keys
 
 HW_DIR = Path(__file__).resolve().parent.parent / "hw_configs"
@@ -103,48 +103,18 @@ _TOP_KEYS = {"name", "base", "cost_per_hour_usd", UNCHECKED, *_SECTIONS}
 _TOP_FIELDS = {f.name: f for f in fields(HardwareConfig)}
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def _read_yaml(path: Path) -> dict:
     return read_yaml_mapping(path, HardwareError, f"a mapping with keys {', '.join(sorted(_TOP_KEYS))}")
 
 
 def resolve_path(name_or_path: str | Path) -> Path:
     """A config file from a path, or a bare name looked up in hw_configs/ (`a100_pcie4`)."""
-    path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = HW_DIR / f"{name_or_path}.yaml"
-    if not path.exists():
-        known = ", ".join(sorted(p.stem for p in HW_DIR.glob("*.yaml")))
-        raise HardwareError(f"{name_or_path}: no such hardware config (known in {HW_DIR}: {known})")
-    return path
+    return resolve_named(name_or_path, HW_DIR, HardwareError, "hardware config")
 
 
-def load_raw(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
+def load_raw(path: Path) -> dict:
     """The YAML mapping of `path` with its `base:` chain merged in (base first)."""
-    path = path.resolve()
-    if path in _seen:
-        raise HardwareError(f"{path}: key 'base': circular base chain")
-    raw = _read_yaml(path)
-    base = raw.pop("base", None)
-    if base is None:
-        return raw
-    if not isinstance(base, str):
-        raise HardwareError(f"{path}: key 'base': expected the name of another config, got {base!r}")
-    base_path = Path(base) if Path(base).suffix else path.parent / f"{base}.yaml"
-    if not base_path.is_absolute():
-        base_path = path.parent / base_path
-    if not base_path.exists():
-        raise HardwareError(f"{path}: key 'base': no file {base_path}")
-    return _deep_merge(load_raw(base_path, (*_seen, path)), raw)
+    return load_with_bases(path, _read_yaml, HW_DIR, HardwareError, "hardware config")
 
 
 def from_raw(raw: dict, where: str, default_name: str) -> HardwareConfig:

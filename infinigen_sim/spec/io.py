@@ -7,15 +7,17 @@ is whole lines, flushed and fsynced before it returns, so a kill can only tear t
 results are both written through it. `read_yaml` reads a config file (hardware, runtime, bundle meta)
 the one strict way: bytes decoded as UTF-8 explicitly, at most MAX_YAML_BYTES, no duplicate keys, no
 aliases (so no alias bombs), nesting at most MAX_YAML_DEPTH deep; every failure is one `ValueError`
-line naming the file and the line.
+line naming the file and the line. `resolve_named` and `load_with_bases` find a named config (a shipped
+one by bare name, or a path) and merge its `base:` chain.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +157,48 @@ def read_yaml_mapping(path: Path, error: type[ValueError], expected: str = "a ma
         shown = repr(raw) if len(repr(raw)) <= 60 else repr(raw)[:57] + "..."
         raise error(f"{path}: expected {expected}, got {shown}")
     return raw
+
+
+# ---- named config files with `base:` inheritance (hardware configs, runtime descriptions) ---------------
+def deep_merge(base: dict, over: dict) -> dict:
+    """`over` merged into a copy of `base`, mapping by mapping (anything else in `over` replaces)."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else copy.deepcopy(value)
+    return out
+
+
+def _known(folder: Path) -> str:
+    return ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+
+
+def resolve_named(name_or_path: str | Path, folder: Path, error: type[ValueError], what: str) -> Path:
+    """A config from a path (ending in .yaml/.yml), or a bare name looked up in the shipped `folder`."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = folder / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise error(f"{name_or_path}: no such {what} (known in {folder}: {_known(folder)})")
+    return path
+
+
+def load_with_bases(path: Path, read: Callable[[Path], dict], folder: Path, error: type[ValueError], what: str,
+                    _seen: tuple[Path, ...] = ()) -> dict:
+    """The mapping `read(path)` with its `base:` chain merged in, base first. A base is a name or a path,
+    looked up beside the file, then (a bare name) in the shipped `folder`; cycles are an error."""
+    path = path.resolve()
+    if path in _seen:
+        raise error(f"{path}: key 'base': circular base chain")
+    raw = read(path)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise error(f"{path}: key 'base': expected the name of another {what}, got {base!r}")
+    beside = path.parent / (base if Path(base).suffix else f"{base}.yaml")
+    base_path = beside if beside.is_file() else folder / f"{base}.yaml"
+    if not base_path.is_file():
+        raise error(f"{path}: key 'base': no {what} {base!r} beside it or in {folder} (known there: "
+                    f"{_known(folder)})")
+    return deep_merge(load_with_bases(base_path, read, folder, error, what, (*_seen, path)), raw)

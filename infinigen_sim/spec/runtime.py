@@ -13,12 +13,11 @@ Every number in a shipped file carries its source in a comment.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from infinigen_sim.spec.io import read_yaml_mapping
+from infinigen_sim.spec.io import deep_merge, load_with_bases, read_yaml_mapping, resolve_named
 from infinigen_sim.spec.policies import ALL_POLICIES, PolicyConfig, PolicyName
 from infinigen_sim.spec.schema import UNCHECKED, build_section, check_value, shown, unchecked_keys
 
@@ -206,48 +205,19 @@ _NAME = next(f for f in fields(RuntimeSpec) if f.name == "name")
 
 def resolve_runtime_path(name_or_path: str | Path) -> Path:
     """A description from a path, or a bare name looked up in infinigen_sim/runtimes/ (`infinigen-artifact`)."""
-    path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = RUNTIME_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in RUNTIME_DIR.glob("*.yaml")))
-        raise RuntimeConfigError(f"{shown(str(name_or_path))}: no such runtime description (known: {known})")
-    return path
+    return resolve_named(name_or_path, RUNTIME_DIR, RuntimeConfigError, "runtime description")
 
 
-def _load_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    path = path.resolve()
-    if path in seen:
-        raise RuntimeConfigError(f"{path}: key 'base': circular base chain")
-    raw = read_yaml_mapping(path, RuntimeConfigError, f"a mapping with keys {', '.join(sorted(_TOP_KEYS))}")
-    base = raw.pop("base", None)
-    if base is None:
-        return raw
-    if not isinstance(base, str):
-        raise RuntimeConfigError(f"{path}: key 'base': expected the name of another description, got {shown(base)}")
-    base_path = path.parent / (base if Path(base).suffix else f"{base}.yaml")
-    if not base_path.is_file():
-        base_path = RUNTIME_DIR / f"{base}.yaml"  # a bare name: a shipped description
-    if not base_path.is_file():
-        known = ", ".join(sorted(p.stem for p in RUNTIME_DIR.glob("*.yaml")))
-        raise RuntimeConfigError(f"{path}: key 'base': no runtime description {shown(base)} beside it or shipped "
-                                 f"(shipped: {known})")
-    merged = copy.deepcopy(_load_raw(base_path, (*seen, path)))
-    for key, value in raw.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+def _read(path: Path) -> dict:
+    return read_yaml_mapping(path, RuntimeConfigError, f"a mapping with keys {', '.join(sorted(_TOP_KEYS))}")
+
+
+def _load_raw(path: Path) -> dict:
+    return load_with_bases(path, _read, RUNTIME_DIR, RuntimeConfigError, "runtime description")
 
 
 def _merge(base: dict, over: Any) -> Any:
-    if not isinstance(over, dict):
-        return over  # reported by the section's validation
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+    return deep_merge(base, over) if isinstance(over, dict) else over  # a non-mapping: reported by validation
 
 
 def runtime_from_raw(raw: dict, where: str, default_name: str) -> RuntimeSpec:
