@@ -33,6 +33,7 @@ from infinigen_sim.spec.models import UnknownModelError, get_model
 from infinigen_sim.spec.policies import ALL_POLICIES, PolicyError, make_policy, parse_policy_name
 from profiler.bench.collection import Plan, collect
 from profiler.bench.fetch import DEFAULT_TEXT, FETCH_GRIDS, FetchGrid, FetchPass
+from profiler.runtime.cuda_api import CUDA
 from profiler.weights.checkpoint import CheckpointError
 from profiler.weights.pretrained import PRETRAINED, pretrained_loader
 
@@ -98,8 +99,8 @@ def parse_args(argv: Sequence[str] | None = None) -> CollectConfig:
 
 def resolve(config: CollectConfig) -> Plan:
     """Check the flags and fill the per-device defaults; InputError (one line) on anything unusable."""
-    device_type = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device_type == "cuda" and not torch.cuda.is_available():
+    device_type = config.device or ("cuda" if CUDA.is_available() else "cpu")
+    if device_type == "cuda" and not CUDA.is_available():
         raise InputError(f"--device cuda: no CUDA device visible to torch {torch.__version__}")
     try:
         models = tuple(dict.fromkeys(get_model(name) for name in config.models or DEFAULT_MODELS[device_type]))

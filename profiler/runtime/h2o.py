@@ -43,8 +43,8 @@ class HeavyHitterCache(OffloadedCache):
         self.budget = self.heavy + self.recent
         return min(max_rows, self.budget)
 
-    def allocate(self, batch: int, max_rows: int, prompt_len: int) -> None:
-        super().allocate(batch, max_rows, prompt_len)
+    def allocate_device(self, batch: int, max_rows: int, prompt_len: int) -> None:
+        super().allocate_device(batch, max_rows, prompt_len)
         lanes = (self.n_layers, batch, self.spec.n_kv_heads, self.host_rows + 1)  # +1: the new token
         self.score = torch.zeros(lanes, device=self.rt.device, dtype=torch.float32)
         self.pos = torch.zeros(lanes, device=self.rt.device, dtype=torch.int64)

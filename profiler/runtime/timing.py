@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from infinigen_sim.spec.ops import Op
+from profiler.runtime.cuda_api import CUDA
 
 MODEL_LAYER = -1  # layer index of spans outside the decoder layers (embed, final norm, lm_head)
 
@@ -50,7 +51,7 @@ class PhaseTimer:
         self.cuda = cuda
         self.trace = trace  # label spans for torch.profiler (a Chrome trace)
         self._lock = threading.Lock()  # the copy worker appends beside the compute thread
-        self._events: list[tuple[str, int, torch.cuda.Event, torch.cuda.Event]] = []
+        self._events: list[tuple[str, int, object, object]] = []  # (op, layer, start, end) CUDA events
         self._seconds: list[tuple[str, int, float]] = []
 
     @contextmanager
@@ -59,7 +60,7 @@ class PhaseTimer:
         label = torch.profiler.record_function(f"{op.value}[{layer}]") if self.trace else nullcontext()
         with label:
             if self.cuda and not host:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start, end = CUDA.Event(enable_timing=True), CUDA.Event(enable_timing=True)
                 start.record()  # on the current stream: the one the enclosed kernels run on
                 yield
                 end.record()
