@@ -41,12 +41,12 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 from profiler.runtime import transfer
 from profiler.runtime.cuda_api import CUDA
 
 HOST = "host"
+MAX_ROWS = 4096  # index_copy_ / index_select of more rows than this count as touching the whole tensor
 DEVICE, PINNED = "device", "pinned"
 FAKE_DEVICE = torch.device("cuda", 0)
 READS_TO_HOST = {"item", "__float__", "__int__", "__bool__", "__index__", "tolist", "numpy", "__array__",
@@ -186,6 +186,7 @@ class FakeCuda:
         self.local = threading.local()
         self.host_syncs: list[tuple[str, str]] = []  # (thread, what) of every sync that waited for the device
         self.pinned_allocations: list[int] = []  # bytes of every pinned allocation, in order
+        self.copies: list[tuple[str, int, torch.dtype]] = []  # (h2d | d2h | d2d, bytes, dtype) of every copy
         self.errors: list[str] = []
         self.Stream = lambda device=None, priority=0: FakeStream(self, device, priority)
         self.Event = FakeEvent
@@ -305,6 +306,17 @@ class FakeCuda:
             buf.accesses += [Access(executor, seq, lo, hi, write) for lo, hi in ranges]
 
 
+def tensors_in(obj: Any) -> list[torch.Tensor]:
+    """The tensors in args / kwargs / results: nested tuples, lists and dict values."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for item in obj for t in tensors_in(item)]
+    if isinstance(obj, dict):
+        return [t for item in obj.values() for t in tensors_in(item)]
+    return []
+
+
 def extent(t: torch.Tensor) -> tuple[int, int]:
     """Absolute byte range [lo, hi) a (possibly strided) view spans."""
     es = t.element_size()
@@ -313,8 +325,10 @@ def extent(t: torch.Tensor) -> tuple[int, int]:
     return base, base + span * es
 
 
-def row_ranges(t: torch.Tensor, rows: torch.Tensor) -> list[tuple[int, int]]:
-    """Byte ranges of rows `rows` along dim 0 of t."""
+def row_ranges(t: torch.Tensor, rows: torch.Tensor) -> list[tuple[int, int]] | None:
+    """Byte ranges of rows `rows` along dim 0 of t (None, the whole of t, for more than MAX_ROWS rows)."""
+    if rows.numel() > MAX_ROWS:
+        return None
     es = t.element_size()
     lo0, _ = extent(t[0:1])
     _, hi0 = extent(t[0:1])
@@ -389,7 +403,7 @@ class DeviceEmulator(TorchFunctionMode):
     def fresh(self, result: Any, inputs: list[torch.Tensor], executor: str, kind: str | None) -> None:
         """Register the op's new tensors (those sharing no input's storage) and their writes."""
         ptrs = {t.untyped_storage().data_ptr() for t in inputs if t.device.type == "cpu"}
-        for r in tree_flatten(result)[0]:
+        for r in tensors_in(result):
             if not isinstance(r, torch.Tensor) or r.device.type != "cpu" or r.untyped_storage().data_ptr() in ptrs:
                 continue
             self.cuda.register(r, kind)
@@ -405,7 +419,7 @@ class DeviceEmulator(TorchFunctionMode):
         if pinned and on_device:
             raise RuntimeError("pin_memory=True is for host tensors")
         self.check_generator(kwargs.get("generator"), on_device)
-        inputs = [t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)]
+        inputs = tensors_in(args)
         executor = self.stream_op() if on_device else HOST
         result = func(*args, **kwargs)
         self.fresh(result, inputs, executor, DEVICE if on_device else PINNED if pinned else None)
@@ -413,10 +427,10 @@ class DeviceEmulator(TorchFunctionMode):
 
     def op(self, func, name, args, kwargs):
         cuda = self.cuda
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        tensors = tensors_in((args, kwargs))
         result = func(*args, **kwargs)
         if name not in READS_TO_HOST and name != "__setitem__" and not any(
-                isinstance(r, torch.Tensor) for r in tree_flatten(result)[0]):
+                isinstance(r, torch.Tensor) for r in tensors_in(result)):
             return result  # metadata: sizes, strides, data_ptr ...
         on_device = [t for t in tensors if cuda.is_device(t)]
         if name in READS_TO_HOST:
@@ -429,7 +443,7 @@ class DeviceEmulator(TorchFunctionMode):
         self.check_generator(kwargs.get("generator"), bool(on_device))
         written = self.written(name, args, kwargs)
         ptrs = {t.untyped_storage().data_ptr() for t in tensors if t.device.type == "cpu"}
-        if not written and all(r.untyped_storage().data_ptr() in ptrs for r in tree_flatten(result)[0]
+        if not written and all(r.untyped_storage().data_ptr() in ptrs for r in tensors_in(result)
                                if isinstance(r, torch.Tensor) and r.device.type == "cpu"):
             return result  # a view (slice, transpose, reshape ...): no data moves
         executor = self.stream_op() if on_device else HOST
@@ -442,16 +456,16 @@ class DeviceEmulator(TorchFunctionMode):
         return result
 
     def written(self, name: str, args, kwargs) -> list[tuple[torch.Tensor, list | None]]:
-        out = [(t, None) for t in tree_flatten(kwargs.get("out"))[0] if isinstance(t, torch.Tensor)]
+        out = [(t, None) for t in tensors_in(kwargs.get("out"))]
         if name == "__setitem__":
             view = args[0][args[1]]
             shared = view.numel() and view.untyped_storage().data_ptr() == args[0].untyped_storage().data_ptr()
             out.append((args[0], [extent(view)] if shared else None))
         elif name == "index_copy_" and args[1] == 0:
-            out.append((args[0], row_ranges(args[0], args[2])))
+            out.append((args[0], row_ranges(args[0], args[2])))  # the runtime's scattered row writes
         elif (name.endswith("_") and not name.startswith("_") and name not in NOT_DATA_INPLACE) or \
                 name.startswith("__i"):
-            first = next(t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor))
+            first = tensors_in((args, kwargs))[0]
             out.append((first, None))  # the tensor written in place (torch.nn.init passes it by keyword)
         return out
 
@@ -481,6 +495,7 @@ class DeviceEmulator(TorchFunctionMode):
             cuda.access(HOST, dst, True, what=what)
             return
         executor = self.stream_op()
+        cuda.copies.append(("d2d" if d and s else "h2d" if d else "d2h", dst.numel() * dst.element_size(), dst.dtype))
         host_side = None if d and s else (src if d else dst)
         async_host = host_side is None or (non_blocking and cuda.kind(host_side) == PINNED)
         if host_side is src and not async_host and non_blocking:  # pageable source: staged at once
