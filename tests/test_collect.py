@@ -311,7 +311,8 @@ def test_each_pass_times_the_ops_spec_ops_gives_it() -> None:
     output projection and the MLP together, no `o_proj`."""
     model = build_model(get_model("tiny-opt"))
     with torch.inference_mode():
-        passes = {"decode": [decode_pass(model, 2, 16, 0)], "cache": [b.build() for b in cache_pass(model, 2, 2, 16, 0)],
+        passes = {"decode": [decode_pass(model, 2, 16, 0)],
+                  "cache": [b.build() for b in cache_pass(model, 2, 2, 16, 0)],
                   "prefill": [prefill_pass(model, 2, 16, 0)]}
         assert [set(b.ops) for b in cache_pass(model, 2, 2, 16, 0)] == [
             {op for entry in p.entries for op in entry.ops} for p in passes["cache"]]

@@ -10,7 +10,10 @@ counts after its copies; models and inputs are drawn on the device; fp16 attenti
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,6 +42,7 @@ TINY_GRID = KernelGrid((2,), (16, 64), (32,), 1024)
 def test_the_stand_in_enforces_the_rules():
     """Each rule raises as CUDA would fail (or race); the same work correctly ordered passes."""
     with fake_cuda() as cuda:
+        assert CUDA.backend is cuda and CUDA.is_available()
         host = torch.ones(64, pin_memory=True)
         dev = torch.zeros(64, device="cuda")
         assert dev.is_cuda and dev.device.type == "cuda" and host.is_pinned()
@@ -90,7 +94,7 @@ def test_infinigen_sends_int32_indices_and_pins_cap_sized_staging():
     with fake_cuda() as cuda:
         _, engine = generate("cuda", spec.name, policy)
     cache = engine.cache
-    assert all(t.element_size() == INDEX_BYTES and not t.is_floating_point() for t in cache.index_host.values())
+    assert {(t.dtype, t.element_size()) for t in cache.index_host.values()} == {(torch.int32, INDEX_BYTES)}
     index_d2h = [nbytes for kind, nbytes, dtype in cuda.copies if kind == "d2h" and dtype == torch.int32]
     assert index_d2h and max(index_d2h) <= INDEX_BYTES * 2 * spec.n_kv_heads * infinigen_cap(policy, cache.host_rows)
     rows = cache.host_rows
@@ -220,3 +224,24 @@ def test_the_engine_on_the_stand_in_pins_what_the_copy_engines_touch():
         cache = engine.cache
         assert cache.host[0].t[0].is_pinned() and cache.staged[0].t[0].is_pinned()
         assert cache.fetch_bufs[0].t[0].is_cuda and not cache.fetch_bufs[0].t[0].is_pinned()
+
+
+def test_the_paper_point_script_on_the_stand_in(monkeypatch, tmp_path, capsys):
+    """experiments/gpu/paper_point.py (run_all.sh's last stage) at tiny sizes: tokens/s and H2D bytes."""
+    path = Path(__file__).resolve().parent.parent / "experiments" / "gpu" / "paper_point.py"
+    loaded = importlib.util.spec_from_file_location("paper_point", path)
+    paper = importlib.util.module_from_spec(loaded)
+    loaded.loader.exec_module(paper)
+    assert paper.main(["--dry-run"]) == 0 and "estimated" in capsys.readouterr().out
+    for name, value in (("MODEL", "tiny-opt"), ("BATCH", 2), ("PROMPT", 24), ("GEN", 4)):
+        monkeypatch.setattr(paper, name, value)
+    out = tmp_path / "paper.jsonl"
+    with fake_cuda() as cuda:
+        assert paper.main(["--policies", "flexgen,infinigen", "--out", str(out)]) == 0
+    assert not cuda.errors and "measured peak none" in capsys.readouterr().out
+    flexgen, infinigen = (json.loads(line) for line in out.read_text().splitlines())
+    spec = get_model("tiny-opt")
+    per_row = 2 * spec.kv_bytes_per_token(2)  # batch 2, fp16 K and V
+    assert flexgen["h2d_bytes_per_step"] == per_row * spec.n_layers * (24 + 25 + 26) / 3  # every row, 3 steps
+    assert flexgen["fetched_fraction"] == 1.0 and flexgen["h2d_gbps_per_copy_s"] > 0
+    assert 0 < infinigen["h2d_bytes_per_step"] < flexgen["h2d_bytes_per_step"] and infinigen["tokens_per_s"] > 0
