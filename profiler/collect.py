@@ -6,8 +6,11 @@ summary. `--resume` skips rows whose key is already in the bundle, so a killed r
 duplicates nothing. With `--fetch-model smollm2-135m` a last pass counts InfiniGen's speculated rows on
 those real weights against context length into fetch.csv (`profiler.bench.fetch`) and prints their
 power-law fit; `--fetch-only` runs just that pass (a workload statistic, so with --resume it may be
-added to a bundle timed with other settings or on another device). Exit status: 0 done, 2 bad input
-or an unusable output folder, 130 interrupted.
+added to a bundle timed with other settings or on another device). On cuda the grid is cut until its
+first-principles estimate on one H100/H200 fits `--budget-s` (default 300 s, quick 110 s; 0: no cut,
+`profiler.bench.budget`); the plan, the estimate and what was left out are printed before anything is
+measured and kept in meta.yaml's `budget`; `--dry-run` prints them and stops (no GPU needed). Exit
+status: 0 done, 2 bad input (a budget nothing fits too) or an unusable output folder, 130 interrupted.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from profiler import collect
 from profiler.bench import collection, fetch, kernels, steps, transfers
 from profiler.bench.kernel_passes import Inputs
 from profiler.bench.kernels import KernelBench, KernelGrid, kernel_tasks
+from profiler.bench.stats import host_cost_us
 from profiler.bench.steps import StepBench, StepGrid
 from profiler.bench.transfer_grid import TransferSweep
 from profiler.runtime.cuda_api import CUDA
@@ -245,3 +246,16 @@ def test_the_paper_point_script_on_the_stand_in(monkeypatch, tmp_path, capsys):
     assert flexgen["h2d_bytes_per_step"] == per_row * spec.n_layers * (24 + 25 + 26) / 3  # every row, 3 steps
     assert flexgen["fetched_fraction"] == 1.0 and flexgen["h2d_gbps_per_copy_s"] > 0
     assert 0 < infinigen["h2d_bytes_per_step"] < flexgen["h2d_bytes_per_step"] and infinigen["tokens_per_s"] > 0
+
+
+def test_host_cost_hook_times_the_host_without_syncing():
+    """stats.host_cost_us: perf_counter per call, the device kept busy, one sync at the end only."""
+    spec = get_model("tiny-opt")
+    with fake_cuda() as cuda:
+        model = build_model(spec, 0, "cuda", torch.float16)
+        x = Inputs(model, 0).rand(2, 1, spec.d_model)
+        block, big = model.layers[0], Inputs(model, 1).rand(256, 256)
+        before = len(cuda.host_syncs)
+        samples = host_cost_us(lambda: block.input_layernorm(x), torch.device("cuda"), repeats=5, warmup=1,
+                               keep_busy=lambda: [big @ big for _ in range(4)])
+    assert len(samples) == 5 and min(samples) > 0 and len(cuda.host_syncs) - before == 2  # warm-up's, the end's

@@ -73,6 +73,27 @@ def time_fn(fn: Callable[[], object], device: torch.device, repeats: int, warmup
     return [start.elapsed_time(end) * 1e3 for start, end in pairs]
 
 
+def host_cost_us(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int,
+                 keep_busy: Callable[[], object] | None = None) -> list[float]:
+    """Microseconds of host time each of `repeats` calls of `fn` takes (perf_counter around the call,
+    after `warmup` untimed calls), with no synchronisation between calls. On CUDA, `keep_busy` (device
+    work that outlasts the calls) is queued first so that no call waits for the GPU: each sample is
+    then the op's dispatch, launch and event cost alone, which bounds a host-bound decode step and which
+    CUDA events on an idle GPU do not see. A hook for a per-op host-overhead table."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    if keep_busy is not None and device.type == "cuda":
+        keep_busy()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e6)
+    synchronize(device)  # the queued work done before anyone reuses its buffers
+    return samples
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for all queued work on `device` (a no-op on CPU)."""
     if device.type == "cuda":

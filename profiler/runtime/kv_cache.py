@@ -2,7 +2,9 @@
 
 Rows are token-major (S, B, Hkv, D) as in FlexGen: a prefix of tokens is one contiguous block (one
 copy), and rows chosen per (sequence, KV head) are an embedding lookup over (S*B*Hkv, D). Buffers
-are allocated by `allocate`, apart from model construction (gpt-fast's setup_caches).
+are allocated by `allocate`, apart from model construction (gpt-fast's setup_caches): `allocate_device`
+(what device ops use) then `allocate_host` (the pinned host K/V and staging rows), so a bench can keep
+a policy's device state alone.
 
 Per decode step the engine calls begin_step, then for each layer before_layer (right after the
 layer's input norm), write_back (after QKV) and attend, then end_step: the schedule in
