@@ -6,8 +6,11 @@ summary. `--resume` skips rows whose key is already in the bundle, so a killed r
 duplicates nothing. With `--fetch-model smollm2-135m` a last pass counts InfiniGen's speculated rows on
 those real weights against context length into fetch.csv (`profiler.bench.fetch`) and prints their
 power-law fit; `--fetch-only` runs just that pass (a workload statistic, so with --resume it may be
-added to a bundle timed with other settings or on another device). Exit status: 0 done, 2 bad input
-or an unusable output folder, 130 interrupted.
+added to a bundle timed with other settings or on another device). On cuda the grid is cut until its
+first-principles estimate on one H100/H200 fits `--budget-s` (default 300 s, quick 110 s; 0: no cut,
+`profiler.bench.budget`); the plan, the estimate and what was left out are printed before anything is
+measured and kept in meta.yaml's `budget`; `--dry-run` prints them and stops (no GPU needed). Exit
+status: 0 done, 2 bad input (a budget nothing fits too) or an unusable output folder, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ from infinigen_sim.spec.cli import (
 )
 from infinigen_sim.spec.models import UnknownModelError, get_model
 from infinigen_sim.spec.policies import ALL_POLICIES, PolicyError, make_policy, parse_policy_name
-from profiler.bench.collection import Plan, collect
+from profiler.bench.budget import Estimate, Fit, estimate, fit, grid_lines
+from profiler.bench.collection import Plan, collect, default_grids
 from profiler.bench.fetch import DEFAULT_TEXT, FETCH_GRIDS, FetchGrid, FetchPass
+from profiler.runtime.cuda_api import CUDA
 from profiler.weights.checkpoint import CheckpointError
 from profiler.weights.pretrained import PRETRAINED, pretrained_loader
 
@@ -40,6 +45,7 @@ PROG = "python -m profiler.collect"
 DEFAULT_MODELS = {"cpu": ("tiny-opt", "small-opt"), "cuda": ("opt-6.7b", "opt-13b")}
 DEFAULT_REPEATS = {False: (10, 3), True: (5, 1)}  # quick -> (repeats, warm-up calls)
 MIN_REPEATS = 5
+DEFAULT_BUDGET_S = {False: 300.0, True: 110.0}  # cuda: 5 minutes of GPU time; quick under 2 minutes
 _FETCH_CONTEXTS = {quick: ",".join(map(str, grid.contexts)) for quick, grid in FETCH_GRIDS.items()}
 
 
@@ -80,6 +86,12 @@ class CollectConfig:
     fetch_text: str | None = field(default=None, metadata={
         "help": f"text the fetch pass reads windows from (default: {DEFAULT_TEXT.name}, shipped in "
                 "profiler/weights/data)", "metavar": "FILE"})
+    budget_s: float | None = field(default=None, metadata={
+        "help": f"cuda only: cut the grid until its estimate on one H100/H200 fits (default: "
+                f"{DEFAULT_BUDGET_S[False]:g}; quick {DEFAULT_BUDGET_S[True]:g}; 0: the whole grid, no cut)",
+        "unit": "s", "minimum": 0})
+    dry_run: bool = field(default=False, metadata={
+        "help": "print the plan, its time estimate and what the budget left out; measure nothing"})
 
 
 def build_parser() -> Parser:
@@ -97,21 +109,47 @@ def parse_args(argv: Sequence[str] | None = None) -> CollectConfig:
 
 
 def resolve(config: CollectConfig) -> Plan:
-    """Check the flags and fill the per-device defaults; InputError (one line) on anything unusable."""
-    device_type = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device cuda: no CUDA device visible to torch {torch.__version__}")
+    """Check the flags and fill the per-device defaults; InputError (one line) on anything unusable.
+
+    On cuda the grid is then cut to the budget (`profiler.bench.budget`); see `budget_fit`."""
+    return budget_fit(config, resolve_full(config)).plan
+
+
+def resolve_full(config: CollectConfig) -> Plan:
+    """The plan of the flags with the device's whole grid (no budget applied)."""
+    device_type = config.device or ("cuda" if CUDA.is_available() else "cpu")
+    if device_type == "cuda" and not CUDA.is_available() and not config.dry_run:
+        raise InputError(f"--device cuda: no CUDA device visible to torch {torch.__version__} "
+                         "(--dry-run prints the plan and its estimate without one)")
+    if device_type == "cpu" and config.budget_s is not None:
+        raise InputError("--budget-s: the time estimate is for --device cuda only")
     try:
         models = tuple(dict.fromkeys(get_model(name) for name in config.models or DEFAULT_MODELS[device_type]))
         policies = tuple(dict.fromkeys(parse_policy_name(name).value for name in config.policies))
     except (UnknownModelError, PolicyError) as exc:
         raise InputError(str(exc)) from None
     repeats, warmup = DEFAULT_REPEATS[config.quick]
-    return Plan(torch.device(device_type), models, policies, Path(config.out), config.quick, config.resume,
+    device = torch.device(device_type)
+    return Plan(device, models, policies, Path(config.out), config.quick, config.resume,
                 repeats if config.repeats is None else config.repeats,
                 warmup if config.warmup is None else config.warmup, config.seed,
                 config.threads or (1 if device_type == "cpu" else torch.get_num_threads()),
-                resolve_fetch(config), config.fetch_only)
+                *default_grids(device, models, config.quick), resolve_fetch(config), config.fetch_only)
+
+
+def budget_fit(config: CollectConfig, plan: Plan) -> Fit:
+    """On cuda: the plan cut to --budget-s (or the default budget; 0 keeps the whole grid). On cpu the
+    plan as it is, with its estimate for an H100 left empty (CPU timings are not estimated)."""
+    if plan.device.type != "cuda" or plan.fetch_only:
+        return Fit(plan, Estimate({}), (), True)
+    budget = DEFAULT_BUDGET_S[config.quick] if config.budget_s is None else config.budget_s
+    if budget == 0:
+        return Fit(plan, estimate(plan), (), True)
+    fitted = fit(plan, budget)
+    if not fitted.fits:
+        raise InputError(f"--budget-s {budget:g}: even the smallest grid is {fitted.estimate.line()}; "
+                         "raise the budget or pass fewer --models / --policies")
+    return fitted
 
 
 def resolve_fetch(config: CollectConfig) -> FetchPass | None:
@@ -158,18 +196,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or a bad flag (2, its one line already printed)
         return int(exc.code or 0)
     try:
-        plan = resolve(config)
+        fitted = budget_fit(config, resolve_full(config))
+        plan = fitted.plan
+        if config.dry_run:
+            print("\n".join(plan_lines(config, fitted)))
+            return 0
         existing = prepare_out(plan)
     except (InputError, BundleError) as exc:
         return report_error(PROG, exc)
+    if plan.device.type == "cuda":
+        print("\n".join(plan_lines(config, fitted)), flush=True)  # before the GPU time is spent
     try:
-        print(collect(plan, existing))
+        print(collect(plan, existing, budget_meta(config, fitted)))
     except CheckpointError as exc:  # the fetch pass's weights are not installed
         return report_error(PROG, exc)
     except KeyboardInterrupt:
         print(f"interrupted: rows so far are in {plan.out}; rerun with --resume", file=sys.stderr)
         return 130
     return 0
+
+
+def plan_lines(config: CollectConfig, fitted: Fit) -> list[str]:
+    """What the collection measures, and on cuda its estimate and what the budget left out."""
+    lines = [f"plan ({fitted.plan.device.type}{', quick' if fitted.plan.quick else ''}):", *grid_lines(fitted.plan)]
+    if fitted.plan.device.type != "cuda":
+        return lines + ["no time estimate: the budget model is for one H100/H200 (--device cuda)"]
+    if fitted.plan.budget_s is None:
+        return lines + [f"no budget (--budget-s 0): {fitted.estimate.line()}"]
+    return lines + fitted.lines(fitted.plan.budget_s)
+
+
+def budget_meta(config: CollectConfig, fitted: Fit) -> dict[str, Any] | None:
+    """meta.yaml's `budget` section: the estimate before measuring and what was left out."""
+    if fitted.plan.device.type != "cuda":
+        return None
+    return {"budget_s": fitted.plan.budget_s, "estimate_s": round(fitted.estimate.total_s, 1),
+            "estimate_parts_s": {k: round(v, 1) for k, v in fitted.estimate.parts.items()},
+            "left_out": list(fitted.left_out), "model": "first principles (profiler.bench.budget)"}
 
 
 if __name__ == "__main__":

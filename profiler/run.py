@@ -32,6 +32,7 @@ from infinigen_sim.spec.io import write_text_atomic
 from infinigen_sim.spec.models import ModelSpec, UnknownModelError, get_model
 from infinigen_sim.spec.policies import ALL_POLICIES, PolicyConfig, PolicyError, make_policy
 from infinigen_sim.spec.trace import chrome_trace, trace_json
+from profiler.runtime.cuda_api import CUDA
 from profiler.runtime.engine import RUNTIME_DESCRIPTION, Engine, GenerationResult, default_device
 from profiler.runtime.model import Transformer
 from profiler.weights.checkpoint import CheckpointError, load_checkpoint
@@ -87,7 +88,7 @@ def build_parser() -> Parser:
 
 
 def resolve_device(name: str | None) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
+    if name == "cuda" and not CUDA.is_available():
         raise InputError("--device cuda: no CUDA device available")
     return torch.device(name) if name else default_device()
 

@@ -1,19 +1,22 @@
-"""Shared fixtures for the simulator tests: a stub cost model and a one-step replay helper."""
+"""Shared fixtures for the simulator tests: a stub cost model and a one-step replay helper.
+
+The simulator's modules (SimPy) are imported where they are used, so that a node without simpy can still
+collect and run the profiler's tests (tests/test_cuda.py on a locked-down GPU node)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from infinigen_sim.sim.machine import Machine, Recorder, StepState
-from infinigen_sim.sim.processes import decode_step, prefill
-from infinigen_sim.sim.scenario import Scenario
 from infinigen_sim.spec.hardware import HardwareConfig, load_hardware
 from infinigen_sim.spec.models import ModelSpec, get_model
 from infinigen_sim.spec.policies import layer_work, make_policy
+
+if TYPE_CHECKING:
+    from infinigen_sim.sim.scenario import Scenario
 
 
 @dataclass(frozen=True)
@@ -64,12 +67,17 @@ class StubCosts:
 
 def stub_scenario(costs: StubCosts, policy: str = "flexgen", n_layers: int = 1, **params: Any) -> Scenario:
     """A tiny-opt variant with `n_layers` layers, batch 1, prompt 16, 2 generated tokens."""
+    from infinigen_sim.sim.scenario import Scenario
+
     model = replace(get_model("tiny-opt"), n_layers=n_layers)
     return Scenario(costs, model, make_policy(policy, **params), batch=1, prompt_len=16, gen_len=2)
 
 
 def replay_step(sc: Scenario, context_len: int = 16) -> tuple[list[tuple[str, float]], float]:
     """Replay one decode step; the (event, time) log without zero-length ops, and the step's end."""
+    from infinigen_sim.sim.machine import Machine, Recorder, StepState
+    from infinigen_sim.sim.processes import decode_step
+
     recorder = Recorder(keep_ops=True)
     m = Machine(sc, recorder)
     layers = [layer_work(sc.policy, sc.model, layer, sc.batch, context_len, sc.prompt_len, sc.fetch_model)
@@ -83,6 +91,9 @@ def replay_step(sc: Scenario, context_len: int = 16) -> tuple[list[tuple[str, fl
 
 def replay_prefill(sc: Scenario) -> tuple[list[tuple[str, float]], float]:
     """Replay the prefill; the (event, time) log without zero-length ops, and its end."""
+    from infinigen_sim.sim.machine import Machine, Recorder
+    from infinigen_sim.sim.processes import prefill
+
     recorder = Recorder(keep_ops=True)
     m = Machine(sc, recorder)
     m.env.process(prefill(m, sc.model.n_layers))

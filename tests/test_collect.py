@@ -255,19 +255,29 @@ def test_oom_is_recorded_and_the_sweep_goes_on(monkeypatch) -> None:
     task = next(t for t in kernel_tasks([get_model("tiny-opt")], "float32", grid) if t.kernel_pass == "cache")
     real_build = bench.build
 
-    def attention_ooms(t):
-        def oom():
-            raise torch.OutOfMemoryError("CUDA out of memory")
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory")
 
-        return [replace(p, entries=[replace(e, call=oom) if e.op == "attention" else e for e in p.entries])
-                for p in real_build(t)]
+    def attention_ooms(t):
+        def broken(b):
+            p = b.build()
+            return replace(p, entries=[replace(e, call=oom) if e.op == "attention" else e for e in p.entries])
+        return [replace(b, build=lambda b=b: broken(b)) for b in real_build(t)]
 
     monkeypatch.setattr(bench, "build", attention_ooms)
     status = {row["op"]: row["status"] for row in bench.measure(task)}
     assert status.pop("attention") == "oom" and set(status.values()) == {"ok"}
-    monkeypatch.setattr(bench, "build", lambda t: (_ for _ in ()).throw(MemoryError()))
+    # a pass that cannot even be built loses its own ops only
+    monkeypatch.setattr(bench, "build", lambda t: [replace(b, build=oom) if Op.SCORE in b.ops else b
+                                                   for b in real_build(t)])
+    status = {row["op"]: row["status"] for row in bench.measure(task)}
+    assert status.pop("score") == "oom" and set(status.values()) == {"ok"}
+    monkeypatch.setattr(bench, "build", lambda t: [replace(b, build=oom) for b in real_build(t)])
     assert {row["status"] for row in bench.measure(task)} == {"oom"}
-    monkeypatch.setattr(bench, "build", lambda t: (_ for _ in ()).throw(ValueError("a bug")))
+    def bug():
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(bench, "build", lambda t: [replace(b, build=bug) for b in real_build(t)])
     with pytest.raises(ValueError):
         bench.measure(task)
 
@@ -312,8 +322,11 @@ def test_each_pass_times_the_ops_spec_ops_gives_it() -> None:
     output projection and the MLP together, no `o_proj`."""
     model = build_model(get_model("tiny-opt"))
     with torch.inference_mode():
-        passes = {"decode": [decode_pass(model, 2, 16, 0)], "cache": cache_pass(model, 2, 2, 16, 0),
+        passes = {"decode": [decode_pass(model, 2, 16, 0)],
+                  "cache": [b.build() for b in cache_pass(model, 2, 2, 16, 0)],
                   "prefill": [prefill_pass(model, 2, 16, 0)]}
+        assert [set(b.ops) for b in cache_pass(model, 2, 2, 16, 0)] == [
+            {op for entry in p.entries for op in entry.ops} for p in passes["cache"]]
     for name, built in passes.items():
         timed = {op for p in built for entry in p.entries for op in entry.ops}
         assert timed == set(ops_in_pass(name)), name

@@ -9,4 +9,5 @@
   steps.py          end-to-end generations through the engine: steps.csv; its summary
   fetch.py          InfiniGen's speculated rows on a real checkpoint: fetch.csv; its fit's summary
   host.py           meta.yaml's facts: the device, NVML, the host, the software
+  budget.py         a CUDA collection's time on one H100/H200 (first principles) and the grid cut to a budget
 """

@@ -44,9 +44,16 @@ from profiler.bench.fetch import FetchBench, FetchPass
 from profiler.bench.fetch import summary_lines as fetch_lines
 from profiler.bench.host import collect_meta, load_average, utc_now
 from profiler.bench.host_costs import host_rows
-from profiler.bench.kernels import GRIDS, KernelBench, dtype_name, kernel_tasks
-from profiler.bench.steps import STEP_GRIDS, StepBench, StepRun, step_runs
-from profiler.bench.transfer_grid import BATCH_SEQS, REFERENCE_MODEL, infinigen_row_bytes, make_sweep, transfer_points
+from profiler.bench.kernels import GRIDS, KernelBench, KernelGrid, dtype_name, kernel_tasks
+from profiler.bench.steps import STEP_GRIDS, StepBench, StepGrid, StepRun, step_runs
+from profiler.bench.transfer_grid import (
+    BATCH_SEQS,
+    REFERENCE_MODEL,
+    TransferSweep,
+    infinigen_row_bytes,
+    make_sweep,
+    transfer_points,
+)
 from profiler.bench.transfers import TransferBench, load_description
 from profiler.runtime.engine import RUNTIME_DESCRIPTION
 
@@ -65,14 +72,25 @@ class Plan:
     warmup: int
     seed: int
     threads: int
+    kernel_grid: KernelGrid
+    step_grid: StepGrid
+    sweep: TransferSweep
     fetch: FetchPass | None = None
     fetch_only: bool = False
+    budget_s: float | None = None  # the budget the grids were cut to (profiler.bench.budget), None: not cut
 
     @property
     def settings(self) -> dict[str, Any]:
         """What decides the numbers; a resumed bundle must have been collected with the same."""
-        return {"device_type": self.device.type, "models": [m.name for m in self.models], "quick": self.quick,
-                "repeats": self.repeats, "warmup": self.warmup, "seed": self.seed, "threads": self.threads}
+        settings = {"device_type": self.device.type, "models": [m.name for m in self.models], "quick": self.quick,
+                    "repeats": self.repeats, "warmup": self.warmup, "seed": self.seed, "threads": self.threads}
+        return settings if self.budget_s is None else {**settings, "budget_s": self.budget_s}
+
+
+def default_grids(device: torch.device, models: tuple[ModelSpec, ...], quick: bool
+                  ) -> tuple[KernelGrid, StepGrid, TransferSweep]:
+    """The device's kernel, step and copy grids (quick or full) before any budget cuts them."""
+    return GRIDS[(device.type, quick)], STEP_GRIDS[(device.type, quick)], make_sweep(device, list(models), quick)
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:
@@ -81,7 +99,7 @@ def _plain(d: dict[str, Any]) -> dict[str, Any]:
 
 def plan_meta(plan: Plan) -> dict[str, Any]:
     """meta.yaml: what this collection measures and how."""
-    sweep = make_sweep(plan.device, list(plan.models), plan.quick)
+    sweep = plan.sweep
     cuda = plan.device.type == "cuda"
     pinned = "measured" if cuda else "not measured: no CUDA device (the CPU runtime copies between pageable tensors)"
     return {
@@ -101,11 +119,11 @@ def plan_meta(plan: Plan) -> dict[str, Any]:
         },
         "kernels": {
             "dtype": dtype_name(plan.device),
-            "grid": _plain(asdict(GRIDS[(plan.device.type, plan.quick)])),
+            "grid": _plain(asdict(plan.kernel_grid)),
             **kernels.describe(plan.device, list(plan.models)),
             "timing": "CUDA events on the compute stream" if cuda else "perf_counter",
         },
-        "steps": {"grid": _plain(asdict(STEP_GRIDS[(plan.device.type, plan.quick)])),
+        "steps": {"grid": _plain(asdict(plan.step_grid)),
                   "policies": list(plan.policies), "source": "profiler.runtime.engine.Engine.generate"},
         "runtime": RUNTIME_DESCRIPTION,
         "host_costs": {"ops": ["dispatch", "sync"], "source": "profiler.bench.host_costs",
@@ -117,7 +135,7 @@ def run_transfers(plan: Plan, bar: tqdm, generator: torch.Generator) -> None:
     """The copy sweep, skipping points whose rows are all present."""
     path = plan.out / "transfers.csv"
     done = done_keys(path, TRANSFER_KEY) if plan.resume else set()
-    sweep = make_sweep(plan.device, list(plan.models), plan.quick)
+    sweep = plan.sweep
     points = transfer_points(sweep)
     todo = [p for p in points if not set(p.keys()) <= done]
     bar.update(len(points) - len(todo))
@@ -149,7 +167,7 @@ def run_kernels(plan: Plan, bar: tqdm) -> None:
     """The op sweep, skipping points already present."""
     path = plan.out / "kernels.csv"
     done = done_keys(path, KERNEL_KEY) if plan.resume else set()
-    grid = GRIDS[(plan.device.type, plan.quick)]
+    grid = plan.kernel_grid
     bench = KernelBench(plan.device, {m.name: m for m in plan.models}, grid, plan.repeats, plan.warmup, plan.seed)
     for task in kernel_tasks(list(plan.models), dtype_name(plan.device), grid):
         bar.set_postfix_str(task.label, refresh=False)
@@ -161,7 +179,7 @@ def run_steps(plan: Plan, bar: tqdm) -> None:
     """End-to-end runs through the runtime engine, skipping finished ones."""
     path = plan.out / "steps.csv"
     done = done_keys(path, STEP_KEY) if plan.resume else set()
-    grid = STEP_GRIDS[(plan.device.type, plan.quick)]
+    grid = plan.step_grid
     bench = StepBench(plan.device, {m.name: m for m in plan.models}, plan.seed, grid.repeats)
     runs = plan_runs(plan)
     todo = [run for run in runs if run.final_key not in done]
@@ -195,18 +213,18 @@ def count_points(plan: Plan) -> int:
     fetch = len(plan.fetch.units(get_model(plan.fetch.model).max_positions)) if plan.fetch else 0
     if plan.fetch_only:
         return fetch
-    sweep = make_sweep(plan.device, list(plan.models), plan.quick)
-    tasks = kernel_tasks(list(plan.models), dtype_name(plan.device), GRIDS[(plan.device.type, plan.quick)])
-    return 1 + len(transfer_points(sweep)) + len(tasks) + len(plan_runs(plan)) + fetch  # 1: the host pass
+    tasks = kernel_tasks(list(plan.models), dtype_name(plan.device), plan.kernel_grid)
+    return 1 + len(transfer_points(plan.sweep)) + len(tasks) + len(plan_runs(plan)) + fetch  # 1: the host pass
 
 
 def plan_runs(plan: Plan) -> list[StepRun]:
     """End-to-end runs: every policy on every model."""
-    return step_runs(list(plan.models), list(plan.policies), STEP_GRIDS[(plan.device.type, plan.quick)])
+    return step_runs(list(plan.models), list(plan.policies), plan.step_grid)
 
 
-def collect(plan: Plan, existing_meta: dict[str, Any] | None = None) -> str:
-    """Measure everything the plan asks for into plan.out; returns the printed summary."""
+def collect(plan: Plan, existing_meta: dict[str, Any] | None = None, budget: dict[str, Any] | None = None) -> str:
+    """Measure everything the plan asks for into plan.out (meta.yaml gets `budget` when given: the time
+    estimate and what the budget left out); returns the printed summary."""
     torch.manual_seed(plan.seed)
     torch.set_num_threads(plan.threads)
     generator = torch.Generator().manual_seed(plan.seed)
@@ -216,7 +234,7 @@ def collect(plan: Plan, existing_meta: dict[str, Any] | None = None) -> str:
         meta["resumed_utc"] = [*meta.get("resumed_utc", []), utc_now()]
     else:
         timing = {"settings": plan.settings} if plan.fetch_only else plan_meta(plan)
-        meta = {**collect_meta(plan.device, {}), **timing}
+        meta = {**collect_meta(plan.device, {}), **timing, **({"budget": budget} if budget else {})}
     if plan.fetch is not None:
         meta["fetch"] = fetch_meta(plan.fetch, plan.device, meta.get("fetch"))
     write_meta(plan.out, meta)  # first, so that an interrupted bundle still says what it is

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from profiler.runtime.cuda_api import CUDA
+
 GIB = 1 << 30
 
 
@@ -48,7 +50,7 @@ NVML_FIELDS = ("name", "memory_gib", "driver_version", "cuda_driver_version", "p
 def _nvml_handle(nvml: Any, index: int) -> Any:
     """The NVML handle of torch's CUDA device `index` (by UUID, so CUDA_VISIBLE_DEVICES is respected)."""
     try:
-        uuid = str(torch.cuda.get_device_properties(index).uuid)
+        uuid = str(CUDA.get_device_properties(index).uuid)
         return nvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
     except Exception:  # noqa: BLE001 - older torch or driver: fall back to the index
         return nvml.nvmlDeviceGetHandleByIndex(index)
@@ -162,7 +164,7 @@ def device_facts(device: torch.device) -> dict[str, Any]:
         host = host_facts()
         return {"type": "cpu", "name": f"cpu: {host['cpu_model']}", "memory_gib": host["memory_gib"]}
     index = device_index(device)
-    props = torch.cuda.get_device_properties(index)
+    props = CUDA.get_device_properties(index)
     return {"type": "cuda", "index": index, "name": props.name, "memory_gib": round(props.total_memory / GIB, 2),
             "sm_count": props.multi_processor_count, "compute_capability": f"{props.major}.{props.minor}"}
 
@@ -171,7 +173,7 @@ def device_index(device: torch.device) -> int:
     """torch's CUDA index of `device` (0 for a CPU profile: NVML then reports the first GPU, if any)."""
     if device.type != "cuda":
         return 0
-    return device.index if device.index is not None else torch.cuda.current_device()
+    return device.index if device.index is not None else CUDA.current_device()
 
 
 def collect_meta(device: torch.device, settings: dict[str, Any]) -> dict[str, Any]:

@@ -12,13 +12,17 @@ An entry is timed one of two ways:
                     projection and the MLP in one call (x + o_proj(o), then x + mlp(x)): the engine's
                     two `ffn` spans, the op the cost model prices as W_O + MLP;
   by its own span   the policy ops, run through the runtime's KV caches (kv_cache.py, quant.py, h2o.py,
-                    infinigen.py) on an inline copier: the seconds their `PhaseTimer` spans record,
+                    infinigen.py) with their device state only (`DeviceOnly`: no host K/V is allocated and
+                    no row filed, so no timed entry waits for a copy) on an inline copier: the seconds
+                    their `PhaseTimer` spans record,
                     exactly what steps.csv sums: `attention` (DeviceCache.attend: the new row written,
                     then attention over kv + 1 rows), `speculate` and `topk` (InfiniGen's plan_fetch of
                     the layer and its write-back of the new partial K row), `dequantize` / `quantize`
                     (K and V), `score` (H2O's per-step score update, eviction included; at prefill the
                     prompt's attention mass and the heavy-hitter choice) and `skew` (InfiniGen prefill).
 `span` is one empty PhaseTimer span timed from outside: the bookkeeping the engine adds to every op.
+A task builds one pass at a time (`PassBuilder`), so one policy's state is alive at once, and each pass's
+set-up is synchronised before its spans are dropped (`settle`): CUDA events are read only once complete.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from torch import Tensor
 
 from infinigen_sim.spec.ops import Op
 from infinigen_sim.spec.policies import make_policy
+from profiler.bench.stats import synchronize
+from profiler.runtime.cuda_api import CUDA
 from profiler.runtime.h2o import HeavyHitterCache
 from profiler.runtime.infinigen import InfiniGenCache
 from profiler.runtime.kv_cache import DeviceCache, KVCache, Runtime
@@ -69,18 +75,49 @@ class Pass:
 
 
 class Inputs:
-    """Seeded random tensors on the model's device and dtype."""
+    """Seeded random tensors drawn on the model's device in its dtype (a device generator: no host randn
+    and copy); on CPU the same values as an fp32 CPU generator gives."""
 
     def __init__(self, model: Transformer, seed: int) -> None:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.gen = torch.Generator().manual_seed(seed)
+        self.gen = CUDA.generator(self.device, seed)
 
     def rand(self, *shape: int) -> Tensor:
-        return torch.randn(shape, generator=self.gen).to(self.device, self.dtype)
+        return torch.randn(shape, generator=self.gen, device=self.device, dtype=self.dtype)
 
     def tokens(self, vocab: int, *shape: int) -> Tensor:
-        return torch.randint(0, vocab, shape, generator=self.gen).to(self.device)
+        return torch.randint(0, vocab, shape, generator=self.gen, device=self.device)
+
+
+class DeviceOnly:
+    """A policy's cache with its device state only (put first among the bases): no host K/V and no row
+    filed into one, so a pass allocates no pinned memory it does not time and never waits for a copy
+    inside a timed entry (the host side is the copy sweep's to measure)."""
+
+    def allocate(self, batch: int, max_rows: int, prompt_len: int) -> None:
+        self.allocate_device(batch, max_rows, prompt_len)
+
+    def _store_rows(self, layer: int, k_rows: Tensor, v_rows: Tensor) -> None:
+        self.entries[layer] = k_rows.shape[0]  # the prompt's rows stay on the device
+
+    def _send_row(self, layer: int, k: Tensor, v: Tensor) -> None:
+        self._slot(layer)  # the new row takes its slot; no D2H, no commit
+
+    def _commit_slots(self, layer: int, written: object, sent: object) -> None:
+        return None  # H2O's row is not filed anywhere (and nothing waits for its slots)
+
+
+class DeviceQuantized(DeviceOnly, QuantizedCache):
+    """INT4's dequantisation buffers, no host codes."""
+
+
+class DeviceHeavyHitter(DeviceOnly, HeavyHitterCache):
+    """H2O's scores and positions, no host rows."""
+
+
+class DeviceInfiniGen(DeviceOnly, InfiniGenCache):
+    """InfiniGen's skew, partial K cache and index buffers, no host rows or staging."""
 
 
 def _cache(kind: type[KVCache], model: Transformer, timer: PhaseTimer, n_layers: int, policy: str,
@@ -90,6 +127,22 @@ def _cache(kind: type[KVCache], model: Transformer, timer: PhaseTimer, n_layers:
     spec = replace(model.spec, n_layers=n_layers)
     copier = Copier(p.device, overlap=False, timer=timer)
     return kind(Runtime(spec, make_policy(policy, **params), model, p.device, p.dtype, copier, timer))
+
+
+def settle(p: Pass, device: torch.device) -> Pass:
+    """The pass's set-up finished: wait for its device work (its D2H copies, its kernels) before its
+    spans are read and dropped; CUDA events can be read only once complete."""
+    synchronize(device)
+    p.timer.collect(p.n_layers)
+    return p
+
+
+@dataclass(frozen=True)
+class PassBuilder:
+    """A pass not built yet, and the ops it times: a task builds, runs and drops one pass at a time."""
+
+    ops: tuple[Op, ...]
+    build: Callable[[], Pass]
 
 
 def span_entry(timer: PhaseTimer) -> Entry:
@@ -136,78 +189,78 @@ def decode_pass(model: Transformer, batch: int, pos: int, seed: int) -> Pass:
         ]
     entries += [Entry(Op.NORM, MODEL_LAYER, lambda: model.norm(x)),
                 Entry(Op.LM_HEAD, MODEL_LAYER, lambda: model.lm_head_logits(x).float())]
-    return Pass(entries, timer, n_layers, [int4])
+    return settle(Pass(entries, timer, n_layers, [int4]), inp.device)
 
 
-@dataclass
-class PolicyCaches:
-    """The runtime caches whose policy ops a cache pass times, set up over `kv_len` cached rows."""
-
-    ideal: DeviceCache
-    int4: QuantizedCache
-    h2o: HeavyHitterCache
-    infinigen: InfiniGenCache
-
-
-def policy_caches(model: Transformer, timer: PhaseTimer, n_layers: int, batch: int, kv_len: int,
-                  inp: Inputs) -> PolicyCaches:
-    """Each policy's cache over the first `n_layers` layers, mid-decode at `kv_len` cached rows."""
-    spec, B, T = model.spec, batch, kv_len
-    rows = T + NEW_POS_PAD
-    ideal = _cache(DeviceCache, model, timer, n_layers, "ideal")
-    ideal.allocate(B, rows, T)
-    ideal.begin_step(T)
-    int4 = _cache(QuantizedCache, model, timer, n_layers, "int4")
-    int4.allocate(B, rows, T)
-    int4.reset()
-    # H2O keeps exactly `kv_len` rows (about half heavy, half recent) and is over budget at every step
-    heavy = max(1, round(T / 2))
-    h2o = _cache(HeavyHitterCache, model, timer, n_layers, "h2o", heavy_ratio=heavy / T,
-                 recent_ratio=max(T - heavy, 1) / T)
-    h2o.allocate(B, T + 1, T)
-    h2o.reset()
-    h2o.begin_step(T)
-    infinigen = _cache(InfiniGenCache, model, timer, n_layers, "infinigen", full_fetch_layers=0)
-    infinigen.allocate(B, rows, T)
-    infinigen.reset()
-    H, Hkv, D = spec.n_heads, spec.n_kv_heads, spec.head_dim
-    for i in range(n_layers):  # the prompt: skewed (beside the model) and its partial K cached
-        infinigen.store_prompt(i, inp.rand(B, T, H, D), inp.rand(B, T, Hkv, D), inp.rand(B, T, Hkv, D))
-    infinigen.begin_step(T)
-    return PolicyCaches(ideal, int4, h2o, infinigen)
-
-
-def cache_pass(model: Transformer, n_layers: int, batch: int, kv_len: int, seed: int) -> list[Pass]:
+def cache_pass(model: Transformer, n_layers: int, batch: int, kv_len: int, seed: int) -> list[PassBuilder]:
     """The policy ops of one decode step over `kv_len` cached rows, on the first `n_layers` layers: one
-    pass per policy's ops (InfiniGen's speculation, INT4's dequantisation, attention, H2O's scores)."""
-    spec, inp, timer = model.spec, Inputs(model, seed), PhaseTimer(next(model.parameters()).is_cuda)
+    pass per policy's ops (InfiniGen's speculation, INT4's dequantisation, attention, H2O's scores), each
+    building only that policy's device state, mid-decode at `kv_len` cached rows."""
+    spec, device = model.spec, next(model.parameters()).device
     B, T, H, Hkv, D = batch, kv_len, spec.n_heads, spec.n_kv_heads, spec.head_dim
-    input_pos = torch.tensor([T], device=inp.device)
-    a, q = inp.rand(B, 1, spec.d_model), inp.rand(B, 1, H, D)
-    k, v = inp.rand(B, 1, Hkv, D), inp.rand(B, 1, Hkv, D)
-    probs = torch.softmax(inp.rand(B, Hkv, H // Hkv, T + 1).float(), dim=-1).to(inp.dtype)
-    c = policy_caches(model, timer, n_layers, B, T, inp)
+    rows, layers = T + NEW_POS_PAD, range(n_layers)
 
-    def speculate(i: int) -> None:
-        c.infinigen.plan_fetch(i, a, input_pos)
-        c.infinigen.write_back(i, k, v)
-        c.infinigen.entries[i] = T  # the next pass speculates over the same rows
+    def timer_inputs() -> tuple[PhaseTimer, Inputs, Tensor]:
+        inp = Inputs(model, seed)
+        return PhaseTimer(device.type == "cuda"), inp, torch.tensor([T], device=device)
 
-    layers = range(n_layers)
-    x = inp.rand(B, 1, spec.d_model)
-    groups = [  # one pass per policy: no runtime runs another policy's ops between its own
+    def speculation() -> Pass:
+        timer, inp, input_pos = timer_inputs()
+        a, x = inp.rand(B, 1, spec.d_model), inp.rand(B, 1, spec.d_model)
+        k, v = inp.rand(B, 1, Hkv, D), inp.rand(B, 1, Hkv, D)
+        infinigen = _cache(DeviceInfiniGen, model, timer, n_layers, "infinigen", full_fetch_layers=0)
+        infinigen.allocate(B, rows, T)
+        infinigen.reset()
+        for i in layers:  # the prompt: skewed (beside the model) and its partial K cached
+            infinigen.store_prompt(i, inp.rand(B, T, H, D), inp.rand(B, T, Hkv, D), inp.rand(B, T, Hkv, D))
+        infinigen.begin_step(T)
+
+        def speculate(i: int) -> None:
+            infinigen.plan_fetch(i, a, input_pos)
+            infinigen.write_back(i, k, v)
+            infinigen.entries[i] = T  # the next pass speculates over the same rows
+
         # speculation reads the next layer's (partial) W_Q and partial K cache, last read a step ago:
         # the layer's weights pass between, as in a step
-        [e for i in layers for e in (*weight_context(model, i, x, input_pos),
-                                     Entry(Op.SPECULATE, i, lambda i=i: speculate(i), (Op.SPECULATE, Op.TOPK)))],
-        [Entry(Op.DEQUANTIZE, i, lambda i=i: c.int4._decode(i, FetchResult(c.int4.fetch_bufs[i % 2].t, T)),
-               (Op.DEQUANTIZE,)) for i in layers],
-        [Entry(Op.ATTENTION, i, lambda i=i: c.ideal.attend(i, q, k, v), (Op.ATTENTION,)) for i in layers],
-        [Entry(Op.SCORE, i, lambda i=i: c.h2o.after_attention(i, probs, T), (Op.SCORE,)) for i in layers],
-    ]
-    timer.collect(n_layers)  # drop the set-up's spans
-    caches = [c.ideal, c.int4, c.h2o, c.infinigen]
-    return [Pass(entries, timer, n_layers, caches) for entries in groups]
+        entries = [e for i in layers for e in (*weight_context(model, i, x, input_pos),
+                                               Entry(Op.SPECULATE, i, lambda i=i: speculate(i),
+                                                     (Op.SPECULATE, Op.TOPK)))]
+        return settle(Pass(entries, timer, n_layers, [infinigen]), device)
+
+    def dequantisation() -> Pass:
+        timer, _, _ = timer_inputs()
+        int4 = _cache(DeviceQuantized, model, timer, n_layers, "int4")
+        int4.allocate(B, rows, T)
+        int4.reset()
+        entries = [Entry(Op.DEQUANTIZE, i, lambda i=i: int4._decode(i, FetchResult(int4.fetch_bufs[i % 2].t, T)),
+                         (Op.DEQUANTIZE,)) for i in layers]
+        return settle(Pass(entries, timer, n_layers, [int4]), device)
+
+    def attention() -> Pass:
+        timer, inp, _ = timer_inputs()
+        q, k, v = inp.rand(B, 1, H, D), inp.rand(B, 1, Hkv, D), inp.rand(B, 1, Hkv, D)
+        ideal = _cache(DeviceCache, model, timer, n_layers, "ideal")
+        ideal.allocate(B, rows, T)
+        ideal.begin_step(T)
+        entries = [Entry(Op.ATTENTION, i, lambda i=i: ideal.attend(i, q, k, v), (Op.ATTENTION,)) for i in layers]
+        return settle(Pass(entries, timer, n_layers, [ideal]), device)
+
+    def scores() -> Pass:
+        timer, inp, _ = timer_inputs()
+        probs = torch.softmax(inp.rand(B, Hkv, H // Hkv, T + 1).float(), dim=-1).to(inp.dtype)
+        # H2O keeps exactly `kv_len` rows (about half heavy, half recent) and is over budget at every step
+        heavy = max(1, round(T / 2))
+        h2o = _cache(DeviceHeavyHitter, model, timer, n_layers, "h2o", heavy_ratio=heavy / T,
+                     recent_ratio=max(T - heavy, 1) / T)
+        h2o.allocate(B, T + 1, T)
+        h2o.reset()
+        h2o.begin_step(T)
+        entries = [Entry(Op.SCORE, i, lambda i=i: h2o.after_attention(i, probs, T), (Op.SCORE,)) for i in layers]
+        return settle(Pass(entries, timer, n_layers, [h2o]), device)
+
+    # one pass per policy: no runtime runs another policy's ops between its own
+    return [PassBuilder((Op.SPECULATE, Op.TOPK), speculation), PassBuilder((Op.DEQUANTIZE,), dequantisation),
+            PassBuilder((Op.ATTENTION,), attention), PassBuilder((Op.SCORE,), scores)]
 
 
 def prefill_pass(model: Transformer, batch: int, n: int, seed: int) -> Pass:
@@ -219,9 +272,9 @@ def prefill_pass(model: Transformer, batch: int, n: int, seed: int) -> Pass:
     q, k, v = inp.rand(B, n, H, D), inp.rand(B, n, Hkv, D), inp.rand(B, n, Hkv, D)
     k_rows, v_rows = k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()  # token-major (T, B, Hkv, D)
     o = inp.rand(B, n, H * D)
-    int4 = _cache(QuantizedCache, model, timer, 1, "int4")
-    h2o = _cache(HeavyHitterCache, model, timer, 1, "h2o")
-    infinigen = _cache(InfiniGenCache, model, timer, 1, "infinigen", full_fetch_layers=0)
+    int4 = _cache(QuantizedCache, model, timer, 1, "int4")  # only its _encode runs: nothing allocated
+    h2o = _cache(DeviceHeavyHitter, model, timer, 1, "h2o")
+    infinigen = _cache(DeviceInfiniGen, model, timer, 1, "infinigen", full_fetch_layers=0)
     for cache in (h2o, infinigen):
         cache.allocate(B, n + NEW_POS_PAD, n)
         cache.reset()
@@ -237,4 +290,4 @@ def prefill_pass(model: Transformer, batch: int, n: int, seed: int) -> Pass:
         Entry(Op.NORM, 0, lambda: block.post_attention_layernorm(x)),
         Entry(Op.FFN, 0, lambda: ffn(block, x, o)),
     ]
-    return Pass(entries, timer, 1, [int4, h2o, infinigen])
+    return settle(Pass(entries, timer, 1, [int4, h2o, infinigen]), inp.device)

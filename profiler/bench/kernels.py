@@ -34,8 +34,9 @@ from infinigen_sim.spec.models import ModelSpec
 from infinigen_sim.spec.ops import COMPUTE_OPS, OPS, Op, ops_in_pass
 from infinigen_sim.spec.policies import make_policy
 from infinigen_sim.spec.work import op_work
-from profiler.bench.kernel_passes import Pass, cache_pass, decode_pass, prefill_pass
-from profiler.bench.stats import gc_paused, is_oom, summarize, synchronize
+from profiler.bench.kernel_passes import Pass, PassBuilder, cache_pass, decode_pass, prefill_pass
+from profiler.bench.stats import gc_paused, is_oom, release_memory, summarize, synchronize
+from profiler.runtime.cuda_api import CUDA
 from profiler.runtime.engine import default_dtype
 from profiler.runtime.model import Transformer, build_model
 
@@ -82,7 +83,7 @@ def dtype_name(device: torch.device) -> str:
 def last_level_cache_bytes(device: torch.device) -> int:
     """The GPU's L2, or the CPU's largest cache level (sysfs); DEFAULT_LLC_BYTES when neither says."""
     if device.type == "cuda":
-        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)) or DEFAULT_LLC_BYTES
+        return int(getattr(CUDA.get_device_properties(device), "L2_cache_size", 0)) or DEFAULT_LLC_BYTES
     best = (0, 0)
     for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
         try:
@@ -202,7 +203,7 @@ def run_passes(p: Pass, device: torch.device, passes: int, warmup: int) -> tuple
                     entry.call()
                     continue
                 if cuda:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start, end = CUDA.Event(enable_timing=True), CUDA.Event(enable_timing=True)
                     start.record()
                     entry.call()
                     end.record()
@@ -232,8 +233,8 @@ def run_passes(p: Pass, device: torch.device, passes: int, warmup: int) -> tuple
 def _reraise_unless_oom(exc: Exception, device: torch.device) -> None:
     if not is_oom(exc):
         raise exc
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release_memory(device)
+
 
 
 class KernelBench:
@@ -260,40 +261,47 @@ class KernelBench:
         """The model copy, one at a time (the position table holds the longest grid length)."""
         if self._model is None or self._model[0] != name:
             self._model = None
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            release_memory(self.device)
             spec = self.models[name]
             spec = replace(spec, n_layers=self.layers(spec),
                            max_positions=max(spec.max_positions, self.grid.longest + 1))
-            model = build_model(spec, self.seed).to(self.device, default_dtype(self.device)).eval()
+            model = build_model(spec, self.seed, self.device, default_dtype(self.device)).eval()
             self._model = (name, model)
         return self._model[1]
 
-    def build(self, task: KernelTask) -> list[Pass]:
+    def build(self, task: KernelTask) -> list[PassBuilder]:
+        """The task's passes, not built yet (a cache task has one per policy)."""
         model = self.model(task.model)
         spec, b = self.models[task.model], task.batch_size
-        with torch.inference_mode():
-            if task.kernel_pass == "decode":
-                return [decode_pass(model, b, self.grid.kv_lens[0], self.seed)]
-            if task.kernel_pass == "cache":
-                return cache_pass(model, self.kv_layers(spec, b, task.length), b, task.length, self.seed)
-            return [prefill_pass(model, b, task.length, self.seed)]
+        if task.kernel_pass == "decode":
+            ops = ops_in_pass("decode")
+            return [PassBuilder(ops, lambda: decode_pass(model, b, self.grid.kv_lens[0], self.seed))]
+        if task.kernel_pass == "cache":
+            return cache_pass(model, self.kv_layers(spec, b, task.length), b, task.length, self.seed)
+        return [PassBuilder(ops_in_pass("prefill"), lambda: prefill_pass(model, b, task.length, self.seed))]
 
     def measure(self, task: KernelTask, done: set[tuple[str, ...]] = frozenset()) -> list[dict]:
-        """Rows for the task's points not in `done`; an exhausted allocator gives 'oom' rows."""
+        """Rows for the task's points not in `done`; an exhausted allocator gives 'oom' rows. Passes are
+        built, run and dropped one at a time, and the allocators' cached blocks (pinned ones too) are
+        handed back after each."""
         todo = [p for p in task.points if p.key() not in done]
         if not todo:
             return []
-        try:
-            samples, failed = {}, set()
-            for p in self.build(task):
+        samples, failed = {}, set()
+        for builder in self.build(task):
+            try:
+                with torch.inference_mode():
+                    p = builder.build()
                 with torch.inference_mode(), gc_paused():
                     got, lost = run_passes(p, self.device, self.repeats, self.warmup)
                 samples.update(got)
                 failed |= lost
-        except Exception as exc:  # noqa: BLE001 - only allocator exhaustion is recorded, the rest re-raised
-            _reraise_unless_oom(exc, self.device)
-            return [point.row(None, "oom") for point in todo]
+            except Exception as exc:  # noqa: BLE001 - only allocator exhaustion is recorded, the rest re-raised
+                _reraise_unless_oom(exc, self.device)
+                failed |= set(builder.ops)
+            finally:
+                p = None  # noqa: F841 - the pass's caches go before the next pass is built
+                release_memory(self.device)
         return [point.row(None, "oom") if point.op in failed else point.row(samples[point.op]) for point in todo]
 
 

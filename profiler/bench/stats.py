@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from profiler.runtime.cuda_api import CUDA
+
 OOM_MESSAGES = ("out of memory", "can't allocate memory")
 
 
@@ -45,7 +47,7 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int,
-            stream: torch.cuda.Stream | None = None) -> list[float]:
+            stream: object | None = None) -> list[float]:
     """Microseconds of each of `repeats` calls of `fn`, after `warmup` untimed calls."""
     if device.type != "cuda":
         for _ in range(warmup):
@@ -56,9 +58,9 @@ def time_fn(fn: Callable[[], object], device: torch.device, repeats: int, warmup
             fn()
             samples.append((time.perf_counter() - start) * 1e6)
         return samples
-    stream = stream or torch.cuda.current_stream(device)
-    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
-    with torch.cuda.stream(stream):
+    stream = stream or CUDA.current_stream(device)
+    pairs = [(CUDA.Event(enable_timing=True), CUDA.Event(enable_timing=True)) for _ in range(repeats)]
+    with CUDA.stream(stream):
         for _ in range(warmup):
             fn()
         # Events bracket each call on the stream that runs it; one sync after the loop keeps the
@@ -74,7 +76,15 @@ def time_fn(fn: Callable[[], object], device: torch.device, repeats: int, warmup
 def synchronize(device: torch.device) -> None:
     """Wait for all queued work on `device` (a no-op on CPU)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        CUDA.synchronize(device)
+
+
+def release_memory(device: torch.device) -> None:
+    """Hand the caching allocators' free blocks back: device memory, and pinned host memory (which torch
+    keeps, each block rounded up to a power of two, until asked)."""
+    if device.type == "cuda":
+        CUDA.empty_cache()
+        CUDA.empty_host_cache()
 
 
 @contextmanager

@@ -28,7 +28,7 @@ import torch
 from infinigen_sim.spec.bundle import STEP_KEY, row_key
 from infinigen_sim.spec.models import ModelSpec
 from infinigen_sim.spec.policies import PolicyConfig, make_policy
-from profiler.bench.stats import gc_paused
+from profiler.bench.stats import gc_paused, release_memory
 from profiler.runtime.engine import Engine, default_dtype
 from profiler.runtime.model import Transformer, build_model
 from profiler.runtime.timing import MODEL_LAYER, StepRecord
@@ -110,9 +110,8 @@ class StepBench:
     def model(self, name: str) -> Transformer:
         if self._model is None or self._model[0] != name:
             self._model = None
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            built = build_model(self.models[name], self.seed).to(self.device, default_dtype(self.device)).eval()
+            release_memory(self.device)
+            built = build_model(self.models[name], self.seed, self.device, default_dtype(self.device)).eval()
             self._model = (name, built)
         return self._model[1]
 
@@ -138,6 +137,8 @@ class StepBench:
                     for run in members:
                         with gc_paused():
                             results[run].append(engines[run].generate(prompts[run], run.gen_len))
+            engines = prompts = None  # the group's caches go before the next group allocates its own
+            release_memory(self.device)
             for run in members:
                 yield run, run_rows(run, results[run])
 

@@ -75,6 +75,8 @@ class TransferSweep:
     row_bytes: tuple[int, ...]  # gather row sizes
     min_bytes: int = 4 * KIB
     handoff_model: ModelSpec | None = None  # whose cache rows the CPU runtime's handoff points move (None: none)
+    pageable_max_bytes: int | None = None  # pageable copies and gathers stop here (None: max_bytes)
+    gather_max_bytes: int | None = None  # gathered copies stop here (None: max_bytes)
 
     @property
     def sizes(self) -> list[int]:
@@ -156,11 +158,14 @@ def transfer_points(sweep: TransferSweep) -> list[TransferPoint]:
     """Every point of the sweep, grouped by host memory so each pool is allocated once."""
     points = []
     for memory in sweep.memories:
+        cap = sweep.max_bytes if memory != "pageable" else sweep.pageable_max_bytes or sweep.max_bytes
+        gather_cap = min(cap, sweep.gather_max_bytes or cap)
         for concurrent in (False, True):
             for direction in ("h2d", "d2h"):
-                points += [TransferPoint(direction, memory, "contiguous", concurrent, n) for n in sweep.sizes]
+                points += [TransferPoint(direction, memory, "contiguous", concurrent, n) for n in sweep.sizes
+                           if n <= cap]
             for row_bytes in sweep.row_bytes:
-                counts = sweep.row_counts(row_bytes)
+                counts = [r for r in sweep.row_counts(row_bytes) if r * row_bytes <= gather_cap]
                 points += [TransferPoint("h2d", memory, "gathered", concurrent, r * row_bytes, row_bytes)
                            for r in counts]
                 points += [TransferPoint("h2d", memory, "gathered_batch", concurrent, r * row_bytes, row_bytes)

@@ -20,8 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from profiler.bench.handoff import HANDOFF_SAMPLES, handoff_samples
-from profiler.bench.stats import is_oom, time_fn
+from profiler.bench.stats import is_oom, release_memory, time_fn
 from profiler.bench.transfer_grid import BATCH_SEQS, GIB, KIB, MIB, TransferPoint, TransferSweep, kv_dtype
+from profiler.runtime.cuda_api import CUDA
 
 LOAD_MATMUL_SIDE = {"cuda": 8192, "cpu": 512}  # square matmul of the concurrent compute load
 FILL_BYTE = 0x3C  # every buffer byte: 0x3C3C is a finite fp16 and 0x3C3C3C3C a finite fp32
@@ -48,11 +49,13 @@ class TransferBench:
         self._dev = torch.empty(sweep.max_bytes, dtype=torch.uint8, device=device).fill_(FILL_BYTE)
         self._dev2 = torch.empty(sweep.max_bytes, dtype=torch.uint8, device=device).fill_(0)
         side = LOAD_MATMUL_SIDE[device.type]
-        self._mm = [torch.rand(side, side, generator=generator).to(device, self.dtype) for _ in range(3)]
+        # drawn on the device (an 8192^2 host rand is seconds of one core); seeded from the sweep's generator
+        load_gen = CUDA.generator(device, int(torch.randint(2**31, (1,), generator=generator)))
+        self._mm = [torch.rand(side, side, generator=load_gen, device=device, dtype=self.dtype) for _ in range(3)]
         if device.type == "cuda":
             # Copies get their own stream so they can overlap the matmuls on the compute stream.
-            self._copy_stream = torch.cuda.Stream(device)
-            self._compute_stream = torch.cuda.current_stream(device)
+            self._copy_stream = CUDA.Stream(device)
+            self._compute_stream = CUDA.current_stream(device)
             self._load_us = sorted(time_fn(self._load, device, 5, 2))[2]
         else:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy")
@@ -90,8 +93,7 @@ class TransferBench:
         except Exception as exc:  # noqa: BLE001 - only allocator exhaustion is recorded, the rest re-raised
             if not is_oom(exc):
                 raise
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            release_memory(self.device)
             return [point.row(layout, None, "oom") for layout in point.layouts.values()]
         return [point.row(layout, samples[stage]) for stage, layout in point.layouts.items()]
 
@@ -171,11 +173,11 @@ class TransferBench:
         for _ in range(self.warmup):
             if gather is not None:
                 gather()
-            with torch.cuda.stream(stream):
+            with CUDA.stream(stream):
                 copy()
             stream.synchronize()  # warm-up wall time sizes the concurrent load
         estimate_us = (time.perf_counter() - t0) * 1e6 / self.warmup
-        events = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(self.repeats)]
+        events = [[CUDA.Event(enable_timing=True) for _ in range(3)] for _ in range(self.repeats)]
         gather_us = []
         for begin, issued, done in events:
             if concurrent:
@@ -187,19 +189,19 @@ class TransferBench:
                 gather()
                 gather_us.append((time.perf_counter() - t0) * 1e6)
             issued.record(stream)
-            with torch.cuda.stream(stream):
+            with CUDA.stream(stream):
                 copy()
             done.record(stream)
             if gather is not None:
                 stream.synchronize()  # the next gather overwrites the staging buffer this copy reads
-        torch.cuda.synchronize(self.device)
+        CUDA.synchronize(self.device)
         return {"gather": gather_us, "copy": [a.elapsed_time(b) * 1e3 for _, a, b in events],
                 "total": [a.elapsed_time(b) * 1e3 for a, _, b in events]}
 
     def _enqueue_load(self, us: float) -> None:
         """Queue matmuls on the compute stream covering ~1.5x `us` of copy time."""
         count = min(2000, math.ceil(1.5 * us / max(self._load_us, 1.0)) + 1)
-        with torch.cuda.stream(self._compute_stream):
+        with CUDA.stream(self._compute_stream):
             for _ in range(count):
                 self._load()
 

@@ -1,6 +1,7 @@
 """PyTorch runtime: the model, the offloaded KV caches, InfiniGen's controller and the engine.
 
 Modules, each importing only from those above it and from `infinigen_sim.spec` (models, policies, ops):
+  cuda_api.py    CUDA: the one door to torch.cuda (streams, events, syncs, generators); tests swap in a stand-in
   timing.py      PhaseTimer (spans named by spec.ops.Op; CUDA events / perf_counter), StepRecord
   model.py       Transformer from a ModelSpec (OPT / Llama parts), prefill/decode attention ops
   transfer.py    Copier: H2D and D2H streams, the host worker (FIFO), events / futures

@@ -21,6 +21,7 @@ from torch import Tensor
 from infinigen_sim.spec.models import ModelSpec
 from infinigen_sim.spec.ops import Op
 from infinigen_sim.spec.policies import PolicyConfig, PolicyName
+from profiler.runtime.cuda_api import CUDA
 from profiler.runtime.h2o import HeavyHitterCache
 from profiler.runtime.infinigen import InfiniGenCache
 from profiler.runtime.kv_cache import DeviceCache, KVCache, OffloadedCache, Runtime
@@ -42,7 +43,7 @@ RUNTIME_DESCRIPTION = "infinigen-sim"  # the description of this runtime: infini
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cuda" if CUDA.is_available() else "cpu")
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -81,7 +82,8 @@ class Engine:
         self.spec, self.policy = spec, policy
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or default_dtype(self.device)
-        self.model = (model if model is not None else build_model(spec, seed)).to(self.device, self.dtype).eval()
+        built = build_model(spec, seed, self.device, self.dtype) if model is None else model.to(self.device, self.dtype)
+        self.model = built.eval()
         self.timer = PhaseTimer(self.device.type == "cuda", trace)
         self.copier = Copier(self.device, policy.overlap and policy.offloaded, self.timer)
         rt = Runtime(spec, policy, self.model, self.device, self.dtype, self.copier, self.timer)
@@ -142,7 +144,7 @@ class Engine:
         t0 = time.perf_counter()
         logits, fetched = fn()
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # once per step: the wall time and the events are read now
+            CUDA.synchronize(self.device)  # once per step: the wall time and the events are read now
         wall = time.perf_counter() - t0
         per_layer, model = self.timer.collect(self.spec.n_layers)
         return logits, StepRecord(step, context_len, wall, per_layer, model, fetched)

@@ -46,8 +46,8 @@ class HeavyHitterCache(OffloadedCache):
         self.budgets = [h2o_budget(self.policy, prompt_len, layer) for layer in range(self.n_layers)]
         return min(max_rows, max(heavy + recent for heavy, recent in self.budgets))
 
-    def allocate(self, batch: int, max_rows: int, prompt_len: int) -> None:
-        super().allocate(batch, max_rows, prompt_len)
+    def allocate_device(self, batch: int, max_rows: int, prompt_len: int) -> None:
+        super().allocate_device(batch, max_rows, prompt_len)
         lanes = (self.n_layers, batch, self.spec.n_kv_heads, self.host_rows + 1)  # +1: the new token
         self.score = torch.zeros(lanes, device=self.rt.device, dtype=torch.float32)
         self.pos = torch.zeros(lanes, device=self.rt.device, dtype=torch.int64)

@@ -61,6 +61,7 @@ class HostPool:
         if isinstance(slots, int):
             count[..., :slots] += 1
         else:
+            slots = slots.long()  # the speculated indices arrive as int32; scatter takes int64
             count.scatter_add_(-1, slots, torch.ones_like(slots, dtype=count.dtype))
         saturated = (count >= self.SATURATION).any(dim=-1)  # (B, Hkv)
         count[saturated] //= 2
@@ -89,7 +90,7 @@ class PoolSlot(NamedTuple):
 class SpeculationPlan:
     """Layer i's speculated rows on their way to the host."""
 
-    index: Tensor  # (B, Hkv, cap) row indices by descending score, host (pinned on CUDA)
+    index: Tensor  # (B, Hkv, cap) int32 row indices by descending score, host (pinned on CUDA)
     selected: Tensor  # (1,) mean count of rows above max - alpha, host
     entries: int  # rows the speculation scored
     ready: Event  # the D2H of index and selected
@@ -102,27 +103,35 @@ class InfiniGenCache(OffloadedCache):
         ratio = self.policy.pool_ratio
         return max_rows if ratio is None else max(1, math.ceil(ratio * max_rows))
 
-    def allocate(self, batch: int, max_rows: int, prompt_len: int) -> None:
-        super().allocate(batch, max_rows, prompt_len)
+    def allocate_device(self, batch: int, max_rows: int, prompt_len: int) -> None:
+        super().allocate_device(batch, max_rows, prompt_len)
         spec, rt, pin = self.spec, self.rt, self.copier.cuda
         self.speculated = range(self.policy.full_fetch_layers, self.n_layers)
         self.n_cols = partial_column_count(self.policy, spec.head_dim)
         self.skew = SKEW[spec.family](rt.model, self.n_cols)
         shape = (batch, spec.n_kv_heads, self.host_rows, self.n_cols)
         self.partial_k_cache = {i: torch.zeros(shape, device=rt.device, dtype=rt.dtype) for i in self.speculated}
-        lanes = batch * spec.n_kv_heads * infinigen_cap(self.policy, self.host_rows)
-        self.index_host = {i: torch.zeros(lanes, dtype=torch.int64, pin_memory=pin) for i in self.speculated}
+        cap = infinigen_cap(self.policy, self.host_rows)  # no speculated layer fetches more rows than this
+        # int32: half the bytes of top-k's int64 on the link (spec: one 4-byte index per selected row)
+        self.index_host = {i: torch.zeros(batch * spec.n_kv_heads * cap, dtype=torch.int32, pin_memory=pin)
+                           for i in self.speculated}
         self.selected_host = {i: torch.zeros(1, pin_memory=pin) for i in self.speculated}
-        # gathered rows wait here for their H2D; two, like the device buffers they are copied into
-        self.staging = [Planes.allocate(self.host_rows, self._row_specs(batch), "cpu", pin) for _ in range(2)]
         self.pool = None
+
+    def allocate_host(self, batch: int) -> None:
+        super().allocate_host(batch)
+        cap = infinigen_cap(self.policy, self.host_rows)
+        # gathered rows wait here for their H2D; two, like the device buffers they are copied into
+        self.staging = [Planes.allocate(cap, self._row_specs(batch), "cpu", self.copier.cuda) for _ in range(2)]
         if self.policy.pool_ratio is not None:
-            self.pool = HostPool(self.n_layers, batch, spec.n_kv_heads, self.host_rows)
+            self.pool = HostPool(self.n_layers, batch, self.spec.n_kv_heads, self.host_rows)
 
     def reset(self) -> None:
         super().reset()
         self.staging_free: list[Event] = [None, None]
         self.pending: dict[int, tuple[Future, Tensor]] = {}
+        # the H2D of an unspeculated layer reads its pinned host rows themselves, not a staging copy
+        self.host_read: list[Event] = [None] * self.n_layers
 
     def store_prompt(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> None:
         B, T, Hkv, _ = k.shape
@@ -154,7 +163,7 @@ class InfiniGenCache(OffloadedCache):
             selected = count_above(scores, self.policy.alpha)
         cap = infinigen_cap(self.policy, n)
         with self.timer.span(Op.TOPK, layer):
-            index = scores.topk(cap, dim=-1).indices  # (B, Hkv, cap), sorted by score
+            index = scores.topk(cap, dim=-1).indices.int()  # (B, Hkv, cap), sorted by score; int32 to the host
         index_host = self.index_host[layer][: index.numel()].view(index.shape)
         pairs = [(index_host, index), (self.selected_host[layer], selected.view(1))]
         return SpeculationPlan(index_host, self.selected_host[layer], n, self.copier.d2h(layer, pairs))
@@ -164,6 +173,7 @@ class InfiniGenCache(OffloadedCache):
             fetched = super()._fetch_job(layer, n, plan, buf_free, ready)
             if self.pool is not None:
                 self.pool.touch(layer, n)
+                self.host_read[layer] = fetched.event
             return fetched
         assert isinstance(plan, SpeculationPlan)
         self.copier.host_wait(ready)  # the prompt's rows must be in host memory
@@ -190,6 +200,9 @@ class InfiniGenCache(OffloadedCache):
 
     def _commit_job(self, layer: int, slot: int | Tensor | PoolSlot, written: Event) -> int | Tensor:
         if isinstance(slot, PoolSlot):  # eviction is decided here, where the counters live
+            if slot.entries >= self.pool.capacity:
+                # a full pool overwrites a slot inside the prefix this layer's H2D may still be reading
+                self.copier.host_wait(self.host_read[layer])
             slot = self.pool.place(layer, slot.entries, slot.new_pos)
         return super()._commit_job(layer, slot, written)
 

@@ -2,7 +2,9 @@
 
 Rows are token-major (S, B, Hkv, D) as in FlexGen: a prefix of tokens is one contiguous block (one
 copy), and rows chosen per (sequence, KV head) are an embedding lookup over (S*B*Hkv, D). Buffers
-are allocated by `allocate`, apart from model construction (gpt-fast's setup_caches).
+are allocated by `allocate`, apart from model construction (gpt-fast's setup_caches): `allocate_device`
+(what device ops use) then `allocate_host` (the pinned host K/V and staging rows), so a bench can keep
+a policy's device state alone.
 
 Per decode step the engine calls begin_step, then for each layer before_layer (right after the
 layer's input norm), write_back (after QKV) and attend, then end_step: the schedule in
@@ -170,14 +172,23 @@ class OffloadedCache(KVCache):
     """
 
     def allocate(self, batch: int, max_rows: int, prompt_len: int) -> None:
-        rt, pin = self.rt, self.copier.cuda
-        specs = self._row_specs(batch)
+        self.allocate_device(batch, max_rows, prompt_len)
+        self.allocate_host(batch)
+
+    def allocate_device(self, batch: int, max_rows: int, prompt_len: int) -> None:
+        """What the device ops use: the fetch buffers (subclasses add their own device state)."""
         self.batch, self.host_rows = batch, self._host_rows(max_rows, prompt_len)
-        self.host = [Planes.allocate(self.host_rows, specs, "cpu", pin) for _ in range(self.n_layers)]
         # two device buffers: layer i+1's rows arrive while layer i attends over the other
-        self.fetch_bufs = [Planes.allocate(self.host_rows + 1, specs, rt.device) for _ in range(2)]
+        self.fetch_bufs = [Planes.allocate(self.host_rows + 1, self._row_specs(batch), self.rt.device)
+                           for _ in range(2)]
         self.buf_free: list[Event] = [None, None]
-        self.staged = [Planes.allocate(1, specs, "cpu", pin) for _ in range(self.n_layers)]  # new row's D2H
+
+    def allocate_host(self, batch: int) -> None:
+        """The host K/V rows of every layer and each layer's staging row for the new token's D2H
+        (pinned on CUDA: the copy engines read and write them while the host goes on)."""
+        pin, specs = self.copier.cuda, self._row_specs(batch)
+        self.host = [Planes.allocate(self.host_rows, specs, "cpu", pin) for _ in range(self.n_layers)]
+        self.staged = [Planes.allocate(1, specs, "cpu", pin) for _ in range(self.n_layers)]
 
     def reset(self) -> None:
         super().reset()
@@ -239,6 +250,10 @@ class OffloadedCache(KVCache):
         return FetchResult(dev.t, n, event)
 
     def write_back(self, layer: int, k: Tensor, v: Tensor) -> None:
+        self._send_row(layer, k, v)
+
+    def _send_row(self, layer: int, k: Tensor, v: Tensor) -> None:
+        """The new row (B, 1, Hkv, D) to the host: its D2H, then its commit into the row `_slot` names."""
         if self.commits[layer] is not None:
             self.commits[layer].result()  # the staging row is reused only once its last commit ran
         encoded = self._encode(layer, k.transpose(0, 1), v.transpose(0, 1))  # (1, B, Hkv, D)

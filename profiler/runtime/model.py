@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from infinigen_sim.spec.models import Family, ModelSpec
+from profiler.runtime.cuda_api import CUDA
 
 
 class RMSNorm(nn.Module):
@@ -60,12 +61,18 @@ class RotaryPositions(nn.Module):
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        dim = spec.head_dim
-        inv_freq = 1.0 / spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-        freqs = torch.outer(torch.arange(spec.max_positions, dtype=torch.float64), inv_freq)
+        self.spec = spec
+        cos, sin = self.tables()  # on the meta device when the model is built there (build_model refills them)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def tables(self, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+        """cos and sin of every position's angles (max_positions, D), computed in float64, kept in fp32."""
+        dim = self.spec.head_dim
+        inv_freq = 1.0 / self.spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
+        freqs = torch.outer(torch.arange(self.spec.max_positions, dtype=torch.float64, device=device), inv_freq)
         angles = torch.cat([freqs, freqs], dim=-1)  # (max_positions, D)
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        return angles.cos().float(), angles.sin().float()
 
     def embed(self, x: Tensor, input_pos: Tensor) -> Tensor:
         return x
@@ -211,8 +218,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, need_probs: bool = False) 
     """
     B, H, D = q.shape
     Hkv = k.shape[2]
-    qg = q.view(B, Hkv, H // Hkv, D)  # (B, Hkv, G, D)
-    scores = torch.matmul(qg, k.permute(1, 2, 3, 0)) * D**-0.5  # (B, Hkv, G, S)
+    qg = q.view(B, Hkv, H // Hkv, D) * D**-0.5  # (B, Hkv, G, D); scaled first: q.k of a real fp16 checkpoint
+    scores = torch.matmul(qg, k.permute(1, 2, 3, 0))  # (B, Hkv, G, S)  can pass 65504 before the 1/sqrt(D)
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     out = torch.matmul(probs, v.permute(1, 2, 0, 3))  # (B, Hkv, G, D)
     return out.reshape(B, H * D), (probs if need_probs else None)
@@ -233,21 +240,23 @@ def prompt_attention_mass(q: Tensor, k: Tensor, max_scores: int = 2**26) -> Tens
     for s0 in range(0, T, chunk):
         s1 = min(T, s0 + chunk)
         qc = q[:, s0:s1].reshape(B, s1 - s0, Hkv, H // Hkv, D).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, c, D)
-        scores = torch.matmul(qc, kt).float() * D**-0.5  # (B, Hkv, G, c, T)
+        scores = torch.matmul(qc * D**-0.5, kt).float()  # (B, Hkv, G, c, T); q scaled first (fp16 range)
         future = keys[None, :] > torch.arange(s0, s1, device=q.device)[:, None]  # (c, T)
         probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
         mass += probs.sum(dim=(2, 3))
     return mass
 
 
-def init_weights(model: Transformer, seed: int) -> Transformer:
+def init_weights(model: Transformer, gen: torch.Generator) -> Transformer:
     """Seeded random weights that keep activations sane: std 0.02, output projections scaled
-    down by sqrt(2 * n_layers) (GPT-2), norms near one, small random biases."""
-    gen = torch.Generator().manual_seed(seed)
+    down by sqrt(2 * n_layers) (GPT-2), norms near one, small random biases. Drawn where the
+    parameters live: fp32 from a CPU generator on CPU, in the parameters' dtype from a device
+    generator elsewhere (no host copy of the weights)."""
     out_std = 0.02 / math.sqrt(2 * model.spec.n_layers)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            on_cpu = p.device.type == "cpu"
+            noise = torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32 if on_cpu else p.dtype)
             if "norm" in name and name.endswith("weight"):
                 p.copy_(1.0 + 0.02 * noise)
             elif name.endswith(("o_proj.weight", "fc2.weight", "down_proj.weight")):
@@ -257,6 +266,25 @@ def init_weights(model: Transformer, seed: int) -> Transformer:
     return model
 
 
-def build_model(spec: ModelSpec, seed: int = 0) -> Transformer:
-    """A model of `spec` with seeded random weights, fp32 on CPU (move it with .to())."""
-    return init_weights(Transformer(spec), seed)
+def build_model(spec: ModelSpec, seed: int = 0, device: str | torch.device | None = None,
+                dtype: torch.dtype | None = None) -> Transformer:
+    """A model of `spec` with seeded random weights on `device` in `dtype`.
+
+    CPU (the default): fp32 weights from a CPU generator, then cast to `dtype`. Any other device:
+    the modules are made on the meta device, allocated on `device` directly in `dtype` and drawn
+    there by a device generator, so a 13B model costs neither 52 GB of fp32 host memory nor a
+    single-threaded host randn and its copy (its values differ from the CPU ones).
+    """
+    device = torch.device(device or "cpu")
+    if device.type == "cpu":
+        model = init_weights(Transformer(spec), torch.Generator().manual_seed(seed))
+        return model if dtype is None else model.to(dtype)
+    with torch.device("meta"):
+        model = Transformer(spec)
+    model = model.to(dtype or torch.float32).to_empty(device=device)
+    for module in model.modules():
+        if isinstance(module, RotaryPositions):  # buffers are not parameters: to_empty left them unset
+            cos, sin = module.tables(device)
+            module.cos.copy_(cos)
+            module.sin.copy_(sin)
+    return init_weights(model, CUDA.generator(device, seed))

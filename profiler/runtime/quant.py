@@ -70,8 +70,8 @@ class QuantizedCache(OffloadedCache):
         assert kv_dim <= G * p.quant_group
         return one + one  # K's codes, scale, zero, then V's
 
-    def allocate(self, batch: int, max_rows: int, prompt_len: int) -> None:
-        super().allocate(batch, max_rows, prompt_len)
+    def allocate_device(self, batch: int, max_rows: int, prompt_len: int) -> None:
+        super().allocate_device(batch, max_rows, prompt_len)
         kv = super()._row_specs(batch)
         # dequantised rows, double-buffered like the fetched codes (+1 row for the new token)
         self.kv_bufs = [Planes.allocate(self.host_rows + 1, kv, self.rt.device) for _ in range(2)]

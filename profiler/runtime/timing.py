@@ -22,10 +22,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import torch
-
 from infinigen_sim.spec.ops import Op
 from infinigen_sim.spec.trace import PREFILL_STEP, TraceEvent
+from profiler.runtime.cuda_api import CUDA
 
 MODEL_LAYER = -1  # layer index of spans outside the decoder layers (embed, final norm, lm_head)
 
@@ -55,7 +54,7 @@ class PhaseTimer:
         self.cuda = cuda
         self.trace = trace  # keep every span's start and end (`timeline`)
         self._lock = threading.Lock()  # the copy worker appends beside the compute thread
-        self._events: list[tuple[str, int, torch.cuda.Event, torch.cuda.Event]] = []
+        self._events: list[tuple[str, int, object, object]] = []  # (op, layer, start, end) CUDA events
         self._seconds: list[tuple[str, int, float]] = []
         self._spans: list[tuple[str, str, int, object, object]] = []  # (track, op, layer, start, end)
         self._main = threading.get_ident()  # the thread that dispatches the model
@@ -70,14 +69,14 @@ class PhaseTimer:
         self._step, self._t0_s = step, time.perf_counter()
         self._first_s = self._t0_s if self._first_s is None else self._first_s
         if self.cuda:
-            self._compute = torch.cuda.current_stream()
-            self._base = torch.cuda.Event(enable_timing=True)
+            self._compute = CUDA.current_stream()
+            self._base = CUDA.Event(enable_timing=True)
             self._base.record(self._compute)
 
     def _track(self, op: Op, device_span: bool) -> str:
         """The timeline track of a span: its stream on CUDA, its thread on the host."""
         if device_span:
-            if torch.cuda.current_stream() == self._compute:
+            if CUDA.current_stream() == self._compute:
                 return "gpu"
             return {Op.H2D: "h2d_link", Op.D2H: "d2h_link"}.get(op, "gpu")
         if threading.get_ident() != self._main:
@@ -88,7 +87,7 @@ class PhaseTimer:
     def span(self, op: Op, layer: int, host: bool = False) -> Iterator[None]:
         """Time the enclosed work; `host=True` for CPU work (perf_counter even on CUDA)."""
         if self.cuda and not host:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start, end = CUDA.Event(enable_timing=True), CUDA.Event(enable_timing=True)
             start.record()  # on the current stream: the one the enclosed kernels run on
             yield
             end.record()

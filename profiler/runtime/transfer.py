@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from infinigen_sim.spec.ops import Op
+from profiler.runtime.cuda_api import CUDA
 from profiler.runtime.timing import PhaseTimer
 
 Event = Any  # torch.cuda.Event on CUDA, None on CPU (the future is the event)
@@ -48,9 +49,9 @@ class Copier:
         self.cuda = device.type == "cuda"
         self.timer = timer
         # H2D on its own stream so that layer i+1's fetch overlaps layer i's compute
-        self.h2d_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.h2d_stream = CUDA.Stream(device) if self.cuda else None
         # D2H on another: PCIe is full duplex, and write-backs must not queue behind prefetches
-        self.d2h_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.d2h_stream = CUDA.Stream(device) if self.cuda else None
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="kv-copy") if overlap else None
 
     def submit(self, fn: Callable, *args: Any) -> Future:
@@ -68,14 +69,16 @@ class Copier:
                 for dst, src in pairs:
                     dst.copy_(src)
             return None
-        with torch.cuda.stream(self.h2d_stream):
+        with CUDA.stream(self.h2d_stream):
             if after is not None:
                 self.h2d_stream.wait_event(after)  # the buffer is free only once attention stopped reading it
             with self.timer.span(Op.H2D, layer):
                 for dst, src in pairs:
                     dst.copy_(src, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()  # attention of `layer` waits on this, not on the whole stream
+            # attention of `layer` waits on this on the device; the host may wait on it too (before it
+            # overwrites the pinned source): blocking, so a waiting host thread sleeps instead of spinning
+            done = CUDA.Event(blocking=True)
+            done.record()
         return done
 
     def d2h(self, layer: int, pairs: Iterable[tuple[Tensor, Tensor]]) -> Event:
@@ -85,14 +88,16 @@ class Copier:
                 for dst, src in pairs:
                     dst.copy_(src)
             return None
-        self.d2h_stream.wait_stream(torch.cuda.current_stream())  # the rows are produced on the compute stream
-        with torch.cuda.stream(self.d2h_stream):
+        self.d2h_stream.wait_stream(CUDA.current_stream())  # the rows are produced on the compute stream
+        with CUDA.stream(self.d2h_stream):
             with self.timer.span(Op.D2H, layer):
                 for dst, src in pairs:
                     dst.copy_(src, non_blocking=True)
                     src.record_stream(self.d2h_stream)  # keep src alive until this stream has copied it
-            done = torch.cuda.Event()
-            done.record()  # the host reads the rows only after this fires
+            # the host reads the rows only after this fires; blocking: the waiting worker thread sleeps
+            # (a spinning wait would take the core the compute thread needs to queue kernels)
+            done = CUDA.Event(blocking=True)
+            done.record()
         return done
 
     def host_wait(self, event: Event) -> None:
@@ -104,8 +109,8 @@ class Copier:
         """An event at the current point of the compute stream (None on CPU: work is already done)."""
         if not self.cuda:
             return None
-        mark = torch.cuda.Event()
-        mark.record()  # later copies into buffers read so far wait on this
+        mark = CUDA.Event()
+        mark.record()  # later copies into buffers read so far wait on this (on the device, never the host)
         return mark
 
     def device_wait(self, layer: int, fetch: Future) -> FetchResult:
@@ -113,7 +118,7 @@ class Copier:
         with self.timer.span(Op.WAIT, layer, host=True):
             result: FetchResult = fetch.result()
         if result.event is not None:
-            torch.cuda.current_stream().wait_event(result.event)  # attention must not read rows still in flight
+            CUDA.current_stream().wait_event(result.event)  # attention must not read rows still in flight
         return result
 
     def drain(self) -> None:
