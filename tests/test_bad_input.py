@@ -14,9 +14,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from bundle_helpers import kernel_rows, transfer_rows, write_bundle
+from bundle_helpers import GRID_META, grid_bundle, kernel_rows, transfer_rows, write_bundle
 
-from infinigen_sim.spec.bundle import BundleError, read_bundle
+from infinigen_sim.spec.bundle import FETCH_COLUMNS, BundleError, read_bundle
+from infinigen_sim.spec.grids import MetaGrid, kernel_keys
 from infinigen_sim.spec.hardware import HW_DIR, HardwareError, load_hardware
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,3 +163,82 @@ def test_a_bad_steps_cell_stops_validate_and_writes_nothing(tmp_path, bundle):
     one_line_exit_2(cli("infinigen_sim.validate", str(bundle)), "steps.csv: line 3, column 'gen_len'")
     assert sorted(p.name for p in bundle.iterdir()) == before
     assert not bundle.with_name("bundle-validation").exists()
+
+
+# ---- a bundle missing a row of its grid ----------------------------------------------------------
+@pytest.fixture
+def gridded(tmp_path) -> Path:
+    return grid_bundle(tmp_path / "gridded")
+
+
+def test_a_gridded_bundle_reads_back(gridded):
+    bundle = read_bundle(gridded)
+    grid = MetaGrid(**GRID_META["kernels"]["grid"])
+    assert len(bundle.kernels) == len(set(kernel_keys(["tiny-opt"], "float16", grid))) > 0
+
+
+@pytest.mark.parametrize(("table", "needles"), [
+    ("kernels.csv", ("kernels.csv: no row for op=", "meta.yaml's kernels.grid", "--resume")),
+    ("transfers.csv", ("transfers.csv: no row for direction=", "meta.yaml's transfers.sizes_bytes")),
+])
+def test_a_table_cut_at_a_line_boundary_is_refused(gridded, table, needles):
+    lines = (gridded / table).read_bytes().splitlines(keepends=True)
+    cut = [line for line in lines if b",pinned,contiguous," in line or table == "kernels.csv"]
+    (gridded / table).write_bytes(b"".join(lines[: lines.index(cut[-1])]))  # whole lines, the last ones gone
+    with pytest.raises(BundleError) as exc:
+        read_bundle(gridded)
+    for needle in needles:
+        assert needle in str(exc.value), (needle, str(exc.value))
+    one_line_exit_2(cli("infinigen_sim.sweep", "a100_pcie4", "--models", "opt-13b", "--profile", str(gridded),
+                        "--out", str(gridded.parent / "out")), table, "no row for")
+    assert not (gridded.parent / "out").exists()
+
+
+def test_a_missing_fetch_row_is_refused(gridded):
+    rows = [{"model": "tiny-opt", "source": "checkpoint", "alpha": 4, "layer": layer, "context_len": n,
+             "fetched_tokens": 10.0, "samples": 2} for n in (512, 1024) for layer in range(4)]
+    pd.DataFrame(rows[:-1], columns=FETCH_COLUMNS).to_csv(gridded / "fetch.csv", index=False)
+    meta = yaml.safe_load((gridded / "meta.yaml").read_text())
+    meta["fetch"] = {"model": "tiny-opt", "source": "checkpoint", "alphas": [4.0], "contexts": [512, 1024]}
+    (gridded / "meta.yaml").write_text(yaml.safe_dump(meta))
+    with pytest.raises(BundleError, match=r"fetch.csv: no row for model=tiny-opt, source=checkpoint, alpha=4, "
+                                          r"layer=3, context_len=1024 of meta.yaml's fetch"):
+        read_bundle(gridded)
+    pd.DataFrame(rows, columns=FETCH_COLUMNS).to_csv(gridded / "fetch.csv", index=False)
+    assert len(read_bundle(gridded).fetch) == len(rows)
+
+
+@pytest.mark.parametrize(("key", "value", "needles"), [
+    ("batches", [1, "eight"], ("key 'kernels.grid.batches'", "a list of 1-64 whole numbers >= 1")),
+    ("batches", list(range(1, 100)), ("key 'kernels.grid.batches'",)),
+    ("max_prefill_tokens", -1, ("key 'kernels.grid.max_prefill_tokens'",)),
+])
+def test_a_damaged_grid_in_meta_is_one_line(gridded, key, value, needles):
+    meta = yaml.safe_load((gridded / "meta.yaml").read_text())
+    meta["kernels"]["grid"][key] = value
+    (gridded / "meta.yaml").write_text(yaml.safe_dump(meta))
+    with pytest.raises(BundleError) as exc:
+        read_bundle(gridded)
+    for needle in needles:
+        assert needle in str(exc.value) and "meta.yaml" in str(exc.value), (needle, str(exc.value))
+
+
+@pytest.mark.parametrize(("column", "value", "needles"), [
+    ("median_us", "0", ("line 5, column 'median_us': expected > 0 on a measured ('ok') row",)),
+    ("median_us", "1e9", ("line 5, expected p10_us <= median_us <= p90_us",)),
+    ("batch_size", "1e30", ("line 5, column 'batch_size'", "whole number")),
+])
+def test_an_inconsistent_measured_row_is_refused(gridded, column, value, needles):
+    damage(gridded, "kernels.csv", set_cell(column, value))
+    with pytest.raises(BundleError) as exc:
+        read_bundle(gridded)
+    for needle in needles:
+        assert needle in str(exc.value), (needle, str(exc.value))
+
+
+def test_a_row_with_fewer_fields_is_refused(gridded):
+    lines = (gridded / "kernels.csv").read_text().splitlines(keepends=True)
+    lines[3] = ",".join(lines[3].split(",")[:5]) + "\n"
+    (gridded / "kernels.csv").write_text("".join(lines))
+    with pytest.raises(BundleError, match="kernels.csv: line 4, column 'kv_len': expected a whole number >= 0, got ''"):
+        read_bundle(gridded)

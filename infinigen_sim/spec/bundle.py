@@ -10,6 +10,12 @@ A bundle is a folder:
   fetch.csv       optional: InfiniGen fetched rows per (model, layer, context_len) from a real model
   trace/          optional Chrome traces
 Rows are keyed by their parameters, so an interrupted collection resumes without loss or duplicates.
+
+`read_bundle` refuses (BundleError, one line naming file, line and column or key) a meta without
+`completed_utc`, a torn last line, a cell that is not of its column's type (the missing cells of a
+row with fewer fields than the header read as empty), a measured ('ok') row whose median is not
+positive or not between its p10 and p90, a duplicate key, and a table missing a row of the grid
+meta.yaml records (`check_coverage`).
 """
 
 from __future__ import annotations
@@ -19,9 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
+from infinigen_sim.spec.grids import expected_keys
 from infinigen_sim.spec.io import ResumableCsv, read_yaml_mapping, write_text_atomic
 
 SCHEMA_VERSION = 2  # 2: one op vocabulary (spec.ops): `ffn` is the output projection + MLP, no `o_proj` rows
@@ -133,6 +141,7 @@ COLUMNS: dict[str, dict[str, Column]] = {
     "fetch.csv": {"model": TEXT, "source": TEXT, "alpha": Column("float", 0, allow_inf=True), "layer": SIZE,
                   "context_len": COUNT, "fetched_tokens": Column("float", 0), "samples": COUNT},
 }
+MAX_WHOLE = 2**53  # a whole-number cell above this is no count of anything (and not exact as a float)
 _TIMING_OPTIONAL = {"gbps"}  # empty for copies that move no bytes of their own (handoff rows)
 
 
@@ -141,29 +150,32 @@ def _cell_error(path: Path, line: int, column: str, spec: Column, value: str) ->
     return BundleError(f"{path}: line {line}, column '{column}': expected {spec.describe()}, got '{shown}'")
 
 
-def _parse_column(path: Path, frame: pd.DataFrame, column: str, spec: Column, ok: pd.Series) -> pd.Series:
-    """The column converted to its kind; BundleError naming file, line and column at the first bad cell."""
-    text = frame[column].astype(str).str.strip()
+def _parse_column(path: Path, frame: pd.DataFrame, column: str, spec: Column, ok: np.ndarray) -> np.ndarray:
+    """The column converted to its kind; BundleError naming file, line and column at the first bad cell.
+    (numpy on the whole column: a table's columns are parsed on every read, pandas' per-call cost is not
+    worth it here)"""
+    text = np.char.strip(frame[column].to_numpy(dtype=str))
     empty = text == ""
     if spec.kind == "str":
-        bad = empty | (~text.isin(spec.choices) if spec.choices else False)
-        values = text
+        bad = empty | (~np.isin(text, spec.choices) if spec.choices else False)
+        values = text.astype(object)
     elif spec.kind == "bool":
-        bad = ~text.isin(("True", "False", "true", "false"))
-        values = text.str.lower() == "true"
+        bad = ~np.isin(text, ("True", "False", "true", "false"))
+        values = np.char.lower(text) == "true"
     else:
         values = pd.to_numeric(text, errors="coerce").astype(float)
-        finite = values.abs() < float("inf")
-        bad = values.isna() | ~(finite | (spec.allow_inf & (values == float("inf"))))
-        if spec.minimum is not None:
-            bad |= values < spec.minimum
-        if spec.kind == "int":
-            bad |= finite & (values != values.round())
+        with np.errstate(invalid="ignore"):
+            finite = np.isfinite(values)
+            bad = np.isnan(values) | ~(finite | (spec.allow_inf & (values == np.inf)))
+            if spec.minimum is not None:
+                bad |= values < spec.minimum
+            if spec.kind == "int":
+                bad |= finite & ((values != np.round(values)) | (np.abs(values) > MAX_WHOLE))
         if spec.timing:  # empty is how an out-of-memory point reads; a measured one needs its time
             optional = ~ok | (column in _TIMING_OPTIONAL)
             bad = (bad & ~empty) | (empty & ~optional)
-    if bad.any():
-        first = int(bad.to_numpy().argmax())
+    if np.any(bad):
+        first = int(np.argmax(bad))
         raise _cell_error(path, first + 2, column, spec, str(frame[column].iloc[first]))
     if spec.kind == "int":
         return values.astype("int64")
@@ -194,12 +206,28 @@ def _read_table(bundle_dir: Path, name: str, required: bool) -> pd.DataFrame:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise BundleError(f"{path}: missing column '{missing[0]}' (expected {', '.join(columns)})")
-    ok = frame["status"].astype(str).str.strip() == "ok" if "status" in frame.columns else pd.Series(True, frame.index)
+    ok = np.char.strip(frame["status"].to_numpy(dtype=str)) == "ok" if "status" in frame.columns \
+        else np.ones(len(frame), dtype=bool)
     parsed = pd.DataFrame({c: _parse_column(path, frame, c, COLUMNS[name][c], ok) for c in columns}, index=frame.index)
+    if "median_us" in parsed:
+        _check_measured(path, parsed, ok)
     if parsed.duplicated(subset=key).any():
         dup = parsed[parsed.duplicated(subset=key)].iloc[0]
         raise BundleError(f"{path}: duplicate row for key {dict(dup[key])}")
     return parsed
+
+
+def _check_measured(path: Path, parsed: pd.DataFrame, ok: np.ndarray) -> None:
+    """A measured ('ok') row has a positive median between its p10 and its p90 (summaries of one sample set)."""
+    median, p10, p90 = (parsed[c].to_numpy() for c in ("median_us", "p10_us", "p90_us"))
+    checks = [(ok & ~(median > 0), "column 'median_us': expected > 0 on a measured ('ok') row"),
+              (ok & ~((p10 <= median) & (median <= p90)), "expected p10_us <= median_us <= p90_us")]
+    for bad, what in checks:
+        if bad.any():
+            first = int(bad.argmax())
+            row = parsed.iloc[first]
+            raise BundleError(f"{path}: line {first + 2}, {what}, got p10_us={row['p10_us']:g} "
+                              f"median_us={row['median_us']:g} p90_us={row['p90_us']:g}")
 
 
 def read_meta(bundle_dir: Path) -> dict[str, Any]:
@@ -225,7 +253,7 @@ def read_bundle(bundle_dir: str | Path) -> Bundle:
     if not meta.get(COMPLETED):
         raise BundleError(f"{bundle_dir / 'meta.yaml'}: key '{COMPLETED}' missing: the collection did not finish "
                           "(finish it with profiler.collect --resume, or collect a new bundle)")
-    return Bundle(
+    bundle = Bundle(
         path=bundle_dir,
         meta=meta,
         kernels=_read_table(bundle_dir, "kernels.csv", required=True),
@@ -233,3 +261,20 @@ def read_bundle(bundle_dir: str | Path) -> Bundle:
         steps=_read_table(bundle_dir, "steps.csv", required=False),
         fetch=_read_table(bundle_dir, "fetch.csv", required=False),
     )
+    check_coverage(bundle)
+    return bundle
+
+
+def check_coverage(bundle: Bundle) -> None:
+    """Every row of the grid the bundle's meta.yaml records is in its table (`spec.grids.expected_keys`):
+    kernels.csv, the contiguous copies of transfers.csv and fetch.csv. A section the meta lacks is not checked."""
+    expected = expected_keys(bundle.meta, str(bundle.path / "meta.yaml"), BundleError)
+    for name, (section, keys) in expected.items():
+        key = TABLES[name][0]
+        frame = getattr(bundle, name.removesuffix(".csv"))
+        present = set(zip(*(frame[c].map(_norm) for c in key), strict=True)) if len(frame) else set()
+        for wanted in keys:  # lazily: the first missing key stops it, so a damaged meta stays cheap
+            if wanted not in present:
+                shown = ", ".join(f"{k}={v}" for k, v in zip(key, wanted, strict=True))
+                raise BundleError(f"{bundle.path / name}: no row for {shown} of meta.yaml's {section} (cut short "
+                                  "or deleted; finish it with profiler.collect --resume)")
