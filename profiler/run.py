@@ -32,8 +32,8 @@ from infinigen_sim.spec.models import ModelSpec, UnknownModelError, get_model
 from infinigen_sim.spec.policies import ALL_POLICIES, PolicyConfig, PolicyError, make_policy
 from profiler.runtime.engine import Engine, GenerationResult, default_device
 from profiler.runtime.model import Transformer
-from profiler.weights.checkpoint import CheckpointError, load_checkpoint
-from profiler.weights.pretrained import PRETRAINED, load_pretrained
+from profiler.weights.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_spec, weight_files
+from profiler.weights.pretrained import PRETRAINED, load_pretrained, pretrained_loader
 
 PROG = "python -m profiler.run"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -131,11 +131,27 @@ def compare(result: GenerationResult, prompt: torch.Tensor, engine: Engine) -> d
     return {"top1_agreement": agree, "max_abs_logit_diff": (result.logits - ref.logits).abs().max().item()}
 
 
-def run(config: RunConfig, policy: PolicyConfig) -> dict:
-    """One generation (and its check) -> the printed figures."""
+def check_before_work(config: RunConfig) -> torch.device:
+    """Everything that can be checked before any weight is read: the device, the --trace path, the model's
+    shapes (the zoo, or --checkpoint's config.json and weight files) and the lengths against its positions."""
     device = resolve_device(config.device)
     if config.trace is not None:
         check_writable("--trace", config.trace, folder=False)
+    spec = read_checkpoint_spec(config.checkpoint) if config.checkpoint is not None else get_model(config.model)
+    total = config.prompt_len + config.gen_len
+    if total > spec.max_positions:
+        raise InputError(f"--prompt-len {config.prompt_len} + --gen-len {config.gen_len} = {total} tokens exceeds "
+                         f"{spec.name}'s max_positions {spec.max_positions}")
+    if config.checkpoint is not None:
+        weight_files(Path(config.checkpoint))
+    elif config.model in PRETRAINED and not config.random_weights:
+        pretrained_loader(config.model)  # its packages and weights file are there
+    return device
+
+
+def run(config: RunConfig, policy: PolicyConfig) -> dict:
+    """One generation (and its check) -> the printed figures."""
+    device = check_before_work(config)
     if config.threads is not None:
         torch.set_num_threads(config.threads)  # a shared 2-core box: OpenMP barriers stall on busy cores
     print(f"device: {device.type}", file=sys.stderr if config.json else sys.stdout)
