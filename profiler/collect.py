@@ -125,6 +125,9 @@ def resolve_fetch(config: CollectConfig) -> FetchPass | None:
     contexts = config.fetch_contexts or grid.contexts
     if min(contexts) < grid.steps + 2:
         raise InputError(f"--fetch-contexts: need lengths >= {grid.steps + 2}, got {min(contexts)}")
+    positions = get_model(config.fetch_model).max_positions
+    if max(contexts) > positions:
+        raise InputError(f"--fetch-contexts: {max(contexts)} exceeds {config.fetch_model}'s max_positions {positions}")
     text = Path(config.fetch_text) if config.fetch_text else DEFAULT_TEXT
     if not text.is_file():
         raise InputError(f"--fetch-text {text}: no such file")
