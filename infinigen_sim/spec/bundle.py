@@ -29,8 +29,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from infinigen_sim.spec.cli import one_line
 from infinigen_sim.spec.grids import expected_keys
 from infinigen_sim.spec.io import ResumableCsv, read_yaml_mapping, write_text_atomic
+from infinigen_sim.spec.policies import ALL_POLICIES
+from infinigen_sim.spec.schema import DottedReader
 
 SCHEMA_VERSION = 2  # 2: one op vocabulary (spec.ops): `ffn` is the output projection + MLP, no `o_proj` rows
 
@@ -53,6 +56,7 @@ TABLES = {
     "fetch.csv": (FETCH_KEY, FETCH_COLUMNS),
 }
 REQUIRED_FILES = ("meta.yaml", "kernels.csv", "transfers.csv")
+WALL_OP = "wall"  # steps.csv: the op of a step's wall-time row
 COMPLETED = "completed_utc"  # meta.yaml: set when a collection finished; a bundle without it is not used
 
 
@@ -125,7 +129,7 @@ class Column:
 
 TEXT, COUNT, SIZE, WHOLE = Column("str"), Column("int", 1), Column("int", 0), Column("int")
 TIME_US, SECONDS = Column("float", 0, timing=True), Column("float", 0)
-STATUS = Column("str", choices=("ok", "oom"))
+STATUS, POLICY = Column("str", choices=("ok", "oom")), Column("str", choices=ALL_POLICIES)
 COLUMNS: dict[str, dict[str, Column]] = {
     "kernels.csv": {"op": TEXT, "model": TEXT, "dtype": TEXT, "batch_size": COUNT, "n_tokens": COUNT, "kv_len": SIZE,
                     "median_us": TIME_US, "p10_us": TIME_US, "p90_us": TIME_US, "repeats": SIZE, "status": STATUS},
@@ -134,7 +138,7 @@ COLUMNS: dict[str, dict[str, Column]] = {
                       "concurrent": Column("bool"), "nbytes": SIZE, "row_bytes": SIZE, "rows": SIZE,
                       "median_us": TIME_US, "p10_us": TIME_US, "p90_us": TIME_US,
                       "gbps": Column("float", 0, timing=True), "repeats": SIZE, "status": STATUS},
-    "steps.csv": {"run_id": TEXT, "model": TEXT, "policy": TEXT, "batch_size": COUNT, "prompt_len": COUNT,
+    "steps.csv": {"run_id": TEXT, "model": TEXT, "policy": POLICY, "batch_size": COUNT, "prompt_len": COUNT,
                   "gen_len": COUNT, "alpha": Column("float", 0, allow_inf=True), "overlap": Column("bool"),
                   "phase": Column("str", choices=("prefill", "decode")), "step": WHOLE, "layer": WHOLE, "op": TEXT,
                   "seconds": SECONDS, "context_len": SIZE, "fetched_tokens": SIZE},
@@ -211,6 +215,12 @@ def _read_table(bundle_dir: Path, name: str, required: bool) -> pd.DataFrame:
     parsed = pd.DataFrame({c: _parse_column(path, frame, c, COLUMNS[name][c], ok) for c in columns}, index=frame.index)
     if "median_us" in parsed:
         _check_measured(path, parsed, ok)
+    if name == "steps.csv":
+        wall = (parsed["op"].to_numpy() == WALL_OP) & ~(parsed["seconds"].to_numpy() > 0)
+        if wall.any():
+            first = int(wall.argmax())
+            raise BundleError(f"{path}: line {first + 2}, column 'seconds': expected > 0 on a '{WALL_OP}' row "
+                              f"(a step's wall time), got {parsed['seconds'].iloc[first]:g}")
     if parsed.duplicated(subset=key).any():
         dup = parsed[parsed.duplicated(subset=key)].iloc[0]
         raise BundleError(f"{path}: duplicate row for key {dict(dup[key])}")
@@ -218,16 +228,19 @@ def _read_table(bundle_dir: Path, name: str, required: bool) -> pd.DataFrame:
 
 
 def _check_measured(path: Path, parsed: pd.DataFrame, ok: np.ndarray) -> None:
-    """A measured ('ok') row has a positive median between its p10 and its p90 (summaries of one sample set)."""
+    """A measured ('ok') row has repeats and a positive median between its p10 and its p90 (summaries of one
+    sample set); an 'oom' row has no times (it measured nothing)."""
     median, p10, p90 = (parsed[c].to_numpy() for c in ("median_us", "p10_us", "p90_us"))
     checks = [(ok & ~(median > 0), "column 'median_us': expected > 0 on a measured ('ok') row"),
-              (ok & ~((p10 <= median) & (median <= p90)), "expected p10_us <= median_us <= p90_us")]
+              (ok & ~((p10 <= median) & (median <= p90)), "expected p10_us <= median_us <= p90_us"),
+              (ok & (parsed["repeats"].to_numpy() < 1), "column 'repeats': expected >= 1 on a measured ('ok') row"),
+              (~ok & ~(np.isnan(median) & np.isnan(p10) & np.isnan(p90)), "expected no times on an 'oom' row")]
     for bad, what in checks:
         if bad.any():
             first = int(bad.argmax())
             row = parsed.iloc[first]
             raise BundleError(f"{path}: line {first + 2}, {what}, got p10_us={row['p10_us']:g} "
-                              f"median_us={row['median_us']:g} p90_us={row['p90_us']:g}")
+                              f"median_us={row['median_us']:g} p90_us={row['p90_us']:g} repeats={row['repeats']}")
 
 
 def read_meta(bundle_dir: Path) -> dict[str, Any]:
@@ -238,10 +251,29 @@ def read_meta(bundle_dir: Path) -> dict[str, Any]:
     version = meta.get("schema_version")
     if version != SCHEMA_VERSION:
         raise BundleError(
-            f"{path}: key 'schema_version': expected {SCHEMA_VERSION}, got {version!r} "
+            f"{path}: key 'schema_version': expected {SCHEMA_VERSION}, got {one_line(repr(version), 40)} "
             "(re-collect with this version of profiler.collect)"
         )
+    for section in ("device", "host", "kernels", "transfers", "settings", "fetch", "steps"):
+        DottedReader(meta, str(path), BundleError).mapping(section)
     return meta
+
+
+KERNEL_DTYPES = ("float16", "bfloat16", "float32")
+UNAVAILABLE = "unavailable"  # how profiler.collect writes a fact it could not read
+
+
+def check_facts(meta: dict[str, Any], where: str) -> None:
+    """The facts of a finished bundle's meta.yaml that the calibration reads: the device's type and name, the
+    kernels' dtype, and memory sizes and core counts (each a positive number, or 'unavailable (why)')."""
+    m = DottedReader(meta, where, BundleError)
+    m.text("device.type", ("cpu", "cuda"))
+    m.text("device.name")
+    m.text("kernels.dtype", KERNEL_DTYPES)
+    for dotted, whole in (("device.memory_gib", False), ("host.memory_gib", False), ("host.physical_cores", True)):
+        value = m.get(dotted)
+        if value is not None and not (isinstance(value, str) and value.startswith(UNAVAILABLE)):
+            m.number(dotted, whole=whole, minimum=1 if whole else 1e-3)
 
 
 def read_bundle(bundle_dir: str | Path) -> Bundle:
@@ -253,6 +285,7 @@ def read_bundle(bundle_dir: str | Path) -> Bundle:
     if not meta.get(COMPLETED):
         raise BundleError(f"{bundle_dir / 'meta.yaml'}: key '{COMPLETED}' missing: the collection did not finish "
                           "(finish it with profiler.collect --resume, or collect a new bundle)")
+    check_facts(meta, str(bundle_dir / "meta.yaml"))
     bundle = Bundle(
         path=bundle_dir,
         meta=meta,

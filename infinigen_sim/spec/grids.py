@@ -21,9 +21,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from infinigen_sim.spec.cli import one_line
 from infinigen_sim.spec.models import UnknownModelError, get_model
 from infinigen_sim.spec.ops import OPS, Op, ops_in_pass
+from infinigen_sim.spec.schema import MAX_ITEMS, DottedReader
 
 KERNEL_PASSES = ("decode", "cache", "prefill")  # one token per sequence; policy ops over kv_len rows; prefill
 COPY_DIRECTIONS = ("h2d", "d2h")  # the contiguous copies every calibration prices
@@ -103,9 +103,8 @@ def fetch_keys(model: str, source: str, alphas: Sequence[float], contexts: Seque
 
 
 # ---- the grid meta.yaml records, read back ---------------------------------------------------------
-MAX_AXIS = 64  # values of one grid axis in meta.yaml; more is a damaged meta, not a grid
+MAX_AXIS = MAX_ITEMS  # values of one grid axis in meta.yaml; more is a damaged meta, not a grid
 HOST_MEMORIES = ("pinned", "pageable")
-_ABSENT = object()
 
 
 @dataclass(frozen=True)
@@ -118,66 +117,10 @@ class MetaGrid:
     max_prefill_tokens: int
 
 
-class _Meta:
-    """Typed reads of dotted meta.yaml keys; `error` names the file and the key on a value of another kind."""
-
-    def __init__(self, meta: dict[str, Any], where: str, error: type[ValueError]) -> None:
-        self.meta, self.where, self.error = meta, where, error
-
-    def has(self, dotted: str) -> bool:
-        return self._get(dotted) is not _ABSENT
-
-    def _get(self, dotted: str) -> Any:
-        node: Any = self.meta
-        for part in dotted.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return _ABSENT
-            node = node[part]
-        return node
-
-    def _fail(self, dotted: str, expected: str, value: Any) -> ValueError:
-        got = "nothing" if value is _ABSENT else one_line(repr(value), 60)
-        return self.error(f"{self.where}: key '{dotted}': expected {expected}, got {got}")
-
-    def number(self, dotted: str, whole: bool = True, minimum: float = 1, allow_inf: bool = False) -> Any:
-        value = self._get(dotted)
-        if not _is_number(value, whole, minimum, allow_inf):
-            raise self._fail(dotted, f"{'a whole number' if whole else 'a number'} >= {minimum:g}", value)
-        return value
-
-    def text(self, dotted: str, choices: tuple[str, ...] = ()) -> str:
-        value = self._get(dotted)
-        if not isinstance(value, str) or not value.strip() or (choices and value not in choices):
-            raise self._fail(dotted, f"one of {', '.join(choices)}" if choices else "a non-empty text", value)
-        return value
-
-    def numbers(self, dotted: str, whole: bool = True, minimum: float = 1, allow_inf: bool = False) -> list:
-        value = self._get(dotted)
-        if not (isinstance(value, list) and 0 < len(value) <= MAX_AXIS
-                and all(_is_number(v, whole, minimum, allow_inf) for v in value)):
-            kind = "whole numbers" if whole else "numbers"
-            raise self._fail(dotted, f"a list of 1-{MAX_AXIS} {kind} >= {minimum:g}", value)
-        return value
-
-    def texts(self, dotted: str, choices: tuple[str, ...] = ()) -> list[str]:
-        value = self._get(dotted)
-        if not (isinstance(value, list) and 0 < len(value) <= MAX_AXIS and all(
-                isinstance(v, str) and v.strip() and (not choices or v in choices) for v in value)):
-            what = f"one of {', '.join(choices)}" if choices else "a non-empty text"
-            raise self._fail(dotted, f"a list of 1-{MAX_AXIS} values, each {what}", value)
-        return value
-
-
-def _is_number(value: Any, whole: bool, minimum: float, allow_inf: bool) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
-        return False
-    return not math.isnan(value) and (allow_inf or math.isfinite(value)) and value >= minimum
-
-
 def expected_keys(meta: dict[str, Any], where: str, error: type[ValueError]) -> dict[str, tuple[str, Iterator]]:
     """{table: (the meta section that lists them, its expected keys, lazily)} for each table whose grid the
     bundle's meta records; `error` (one line naming `where` and the key) on a meta value of another kind."""
-    m, out = _Meta(meta, where, error), {}
+    m, out = DottedReader(meta, where, error), {}
     if m.has("kernels.grid"):
         axes = MetaGrid(*(m.numbers(f"kernels.grid.{axis}") for axis in ("batches", "kv_lens", "prefill_lens")),
                         m.number("kernels.grid.max_prefill_tokens"))
