@@ -150,8 +150,8 @@ _TIMING_OPTIONAL = {"gbps"}  # empty for copies that move no bytes of their own 
 
 
 def _cell_error(path: Path, line: int, column: str, spec: Column, value: str) -> BundleError:
-    shown = value if len(value) <= 40 else value[:37] + "..."
-    return BundleError(f"{path}: line {line}, column '{column}': expected {spec.describe()}, got '{shown}'")
+    return BundleError(f"{path}: line {line}, column '{column}': expected {spec.describe()}, "
+                       f"got {one_line(repr(value), 40)}")
 
 
 def _parse_column(path: Path, frame: pd.DataFrame, column: str, spec: Column, ok: np.ndarray) -> np.ndarray:

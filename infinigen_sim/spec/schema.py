@@ -98,7 +98,7 @@ def build_section(where: str, section: str, raw: Any, cls: type, unchecked: Coll
     known = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in known:
-            raise error(f"{where}: unknown key '{section}.{key}' (expected one of {', '.join(known)})")
+            raise error(f"{where}: unknown key {shown(f'{section}.{key}')} (expected one of {', '.join(known)})")
     kwargs = {}
     for name, f in known.items():
         key = f"{section}.{name}" if section else name
