@@ -46,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out) if args.out else default_out(args.bundle)
     try:
         hw = load_hardware(args.hw) if args.hw else None
+        if out.resolve().is_relative_to(Path(args.bundle).resolve()):
+            raise InputError(f"--out {out}: inside the bundle {args.bundle}, which is never written to")
         check_writable("--out", out, folder=True)
         frame, cal, hw = validate_bundle(args.bundle, hw)
     except (BundleError, CalibrationError, HardwareError, UnknownModelError, InputError) as exc:
