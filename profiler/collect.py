@@ -86,7 +86,8 @@ def build_parser() -> Parser:
     parser = Parser(PROG, "Measure a profile bundle: meta.yaml, transfers.csv, kernels.csv, steps.csv "
                           "(and fetch.csv with --fetch-model), in the folder --out.",
                     epilog="Units: copy sizes in bytes, lengths in tokens, times in the bundle in microseconds "
-                           "(kernels, transfers) and seconds (steps). Exit status: 0 done, 2 bad input.")
+                           "(kernels, transfers) and seconds (steps). Exit status: 0 done, 2 bad input or an unusable "
+                           "--out, 130 interrupted (rerun with --resume).")
     add_dataclass_arguments(parser, CollectConfig)
     return parser
 
@@ -103,9 +104,12 @@ def resolve(config: CollectConfig) -> Plan:
         raise InputError(f"--device cuda: no CUDA device visible to torch {torch.__version__}")
     try:
         models = tuple(dict.fromkeys(get_model(name) for name in config.models or DEFAULT_MODELS[device_type]))
+    except UnknownModelError as exc:
+        raise InputError(f"--models: {exc}") from None
+    try:
         policies = tuple(dict.fromkeys(parse_policy_name(name).value for name in config.policies))
-    except (UnknownModelError, PolicyError) as exc:
-        raise InputError(str(exc)) from None
+    except PolicyError as exc:
+        raise InputError(f"--policies: {exc}") from None
     repeats, warmup = DEFAULT_REPEATS[config.quick]
     return Plan(torch.device(device_type), models, policies, Path(config.out), config.quick, config.resume,
                 repeats if config.repeats is None else config.repeats,

@@ -29,7 +29,7 @@ from infinigen_sim.spec.cli import (
     report_error,
 )
 from infinigen_sim.spec.models import ModelSpec, UnknownModelError, get_model
-from infinigen_sim.spec.policies import ALL_POLICIES, PolicyConfig, PolicyError, make_policy
+from infinigen_sim.spec.policies import ALL_POLICIES, PolicyConfig, PolicyError, make_policy, parse_policy_name
 from profiler.runtime.engine import Engine, GenerationResult, default_device
 from profiler.runtime.model import Transformer
 from profiler.weights.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_spec, weight_files
@@ -74,7 +74,8 @@ def build_parser() -> Parser:
     parser = Parser(PROG, "Run one generation of the runtime under one KV policy on seeded random prompts; print "
                           "its times, throughput and fetched fraction.",
                     epilog="Units: lengths in tokens, times in seconds, tokens_per_s in tokens/s. Exit status: 0 "
-                           "done, 2 bad input.")
+                           "done, 2 bad input (checked before any weight is read) or an unwritable --trace, "
+                           "130 interrupted.")
     add_dataclass_arguments(parser.add_argument_group("run"), RunConfig)
     policy = parser.add_argument_group("policy (defaults: the paper's; shares are of the context or prompt)")
     add_dataclass_arguments(policy, PolicyConfig, skip=("name",))
@@ -137,7 +138,10 @@ def check_before_work(config: RunConfig) -> torch.device:
     device = resolve_device(config.device)
     if config.trace is not None:
         check_writable("--trace", config.trace, folder=False)
-    spec = read_checkpoint_spec(config.checkpoint) if config.checkpoint is not None else get_model(config.model)
+    try:
+        spec = read_checkpoint_spec(config.checkpoint) if config.checkpoint is not None else get_model(config.model)
+    except UnknownModelError as exc:
+        raise InputError(f"--model: {exc}") from None
     total = config.prompt_len + config.gen_len
     if total > spec.max_positions:
         raise InputError(f"--prompt-len {config.prompt_len} + --gen-len {config.gen_len} = {total} tokens exceeds "
@@ -154,8 +158,8 @@ def run(config: RunConfig, policy: PolicyConfig) -> dict:
     device = check_before_work(config)
     if config.threads is not None:
         torch.set_num_threads(config.threads)  # a shared 2-core box: OpenMP barriers stall on busy cores
-    print(f"device: {device.type}", file=sys.stderr if config.json else sys.stdout)
     with build_engine(config, policy, device) as engine:
+        print(f"device: {device.type}", file=sys.stderr if config.json else sys.stdout)  # after any error
         engine.check_lengths(config.prompt_len, config.gen_len)
         gen = torch.Generator().manual_seed(config.seed)
         prompt = torch.randint(0, engine.spec.vocab_size, (config.batch_size, config.prompt_len), generator=gen)
@@ -179,6 +183,15 @@ def _jsonable(value: object) -> object:
     return str(value) if isinstance(value, float) and not math.isfinite(value) else value
 
 
+def policy_from_args(args: object, name: str) -> PolicyConfig:
+    """The policy the flags ask for; an unknown --policy is named as the flag (a bad parameter by its field)."""
+    try:
+        parse_policy_name(name)
+    except PolicyError as exc:
+        raise InputError(f"--policy: {exc}") from None
+    return dataclass_from_args(PolicyConfig, args, skip=("name",), name=name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -186,10 +199,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     config = dataclass_from_args(RunConfig, args)
     try:
-        policy = dataclass_from_args(PolicyConfig, args, skip=("name",), name=config.policy)
+        policy = policy_from_args(args, config.policy)
         out = run(config, policy)
     except (InputError, PolicyError, UnknownModelError, CheckpointError, ValueError) as exc:
         return report_error(PROG, exc)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     if config.json:
         print(json.dumps({k: _jsonable(v) for k, v in out.items()}, allow_nan=False))
     else:
