@@ -242,3 +242,78 @@ def test_a_row_with_fewer_fields_is_refused(gridded):
     (gridded / "kernels.csv").write_text("".join(lines))
     with pytest.raises(BundleError, match="kernels.csv: line 4, column 'kv_len': expected a whole number >= 0, got ''"):
         read_bundle(gridded)
+
+
+# ---- found by tests/test_fuzz.py -----------------------------------------------------------------
+def test_a_cell_with_a_line_break_is_quoted_on_one_line(gridded):
+    damage(gridded, "kernels.csv", set_cell("op", "\n", row=0))
+    with pytest.raises(BundleError, match=r"line 2, column 'op': expected a non-empty text, got '\\n'$"):
+        read_bundle(gridded)
+
+
+def test_an_unknown_key_with_a_line_break_is_quoted_on_one_line(tmp_path):
+    path = tmp_path / "card.yaml"
+    path.write_text(A100 + "? '\n\n  '\n: null\n")
+    with pytest.raises(HardwareError, match=r"unknown key '\\n' \(expected one of") as exc:
+        load_hardware(path)
+    assert "\n" not in str(exc.value)
+
+
+def test_a_repeated_hardware_config_is_dropped_and_two_of_one_name_refused(tmp_path):
+    result = cli("infinigen_sim.sweep", "a100_pcie4", "a100_pcie4", "--models", "opt-13b", "--batch-sizes", "8",
+                 "--prompt-lens", "512", "--out", str(tmp_path / "once"))
+    assert result.returncode == 0 and "note: dropped repeated hardware config 'a100_pcie4'" in result.stderr
+    assert not pd.read_csv(tmp_path / "once" / "results.csv")["key"].duplicated().any()
+    (tmp_path / "copy.yaml").write_text(A100)
+    one_line_exit_2(cli("infinigen_sim.sweep", "a100_pcie4", str(tmp_path / "copy.yaml"), "--models", "opt-13b",
+                        "--out", str(tmp_path / "twice")), "key 'name': 'a100_pcie4' is also the name of")
+    assert not (tmp_path / "twice").exists()
+
+
+def test_a_list_given_to_set_is_text_not_a_crash(tmp_path):
+    one_line_exit_2(cli("infinigen_sim.sweep", "a100_pcie4", "--models", "opt-13b", "--set", "unchecked=[x]",
+                        "--out", str(tmp_path / "out")), "key 'unchecked': expected a list of dotted keys")
+
+
+def test_validate_never_writes_inside_the_bundle(bundle):
+    before = sorted(p.name for p in bundle.iterdir())
+    one_line_exit_2(cli("infinigen_sim.validate", str(bundle), "--out", str(bundle / "checked")),
+                    "inside the bundle", "never written to")
+    assert sorted(p.name for p in bundle.iterdir()) == before
+
+
+# ---- exit status, the same in every command ------------------------------------------------------
+def _mains():
+    from infinigen_sim import plan, report, validate
+    from infinigen_sim.sweep import __main__ as sweep
+    from profiler import accuracy, collect, run, skew_stats
+
+    return {"sweep": sweep.main, "plan": plan.main, "report": report.main, "validate": validate.main,
+            "collect": collect.main, "run": run.main, "accuracy": accuracy.main, "skew_stats": skew_stats.main}
+
+
+@pytest.mark.parametrize("name", ["sweep", "plan", "report", "validate", "collect", "run", "accuracy", "skew_stats"])
+def test_every_command_exits_0_on_help_and_2_on_a_bad_flag(name, capsys):
+    main = _mains()[name]
+
+    def status(argv):
+        try:
+            return main(argv)
+        except SystemExit as exc:  # argparse, for the commands that let it exit
+            return exc.code
+
+    assert status(["--help"]) == 0 and "usage:" in capsys.readouterr().out
+    assert status(["--no-such-flag"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("python ") and ": error: " in err[0], err
+
+
+def test_an_int4_group_whose_codes_do_not_fill_bytes_is_refused_before_the_engine(capsys):
+    from infinigen_sim.spec.policies import PolicyError, make_policy
+    from profiler.run import main
+
+    with pytest.raises(PolicyError, match="bad quant_group=7"):
+        make_policy("int4", quant_group=7)
+    assert make_policy("int4", quant_bits=2, quant_group=4).quant_group == 4
+    assert main(["--policy", "int4", "--quant-group", "7", "--prompt-len", "8", "--gen-len", "2"]) == 2
+    assert "bad quant_group=7" in capsys.readouterr().err
