@@ -317,3 +317,17 @@ def test_an_int4_group_whose_codes_do_not_fill_bytes_is_refused_before_the_engin
     assert make_policy("int4", quant_bits=2, quant_group=4).quant_group == 4
     assert main(["--policy", "int4", "--quant-group", "7", "--prompt-len", "8", "--gen-len", "2"]) == 2
     assert "bad quant_group=7" in capsys.readouterr().err
+
+
+def test_a_collected_bundle_whose_meta_lost_its_grid_is_refused(gridded):
+    meta = yaml.safe_load((gridded / "meta.yaml").read_text())
+    meta["tool"], meta["repeats"] = "profiler.collect", {"timed": 3, "warmup": 1}
+    (gridded / "meta.yaml").write_text(yaml.safe_dump(meta))
+    assert len(read_bundle(gridded).kernels)
+    del meta["kernels"]["grid"]
+    (gridded / "meta.yaml").write_text(yaml.safe_dump(meta))
+    with pytest.raises(BundleError, match="key 'kernels.grid' missing: every profiler.collect bundle records"):
+        read_bundle(gridded)
+    del meta["repeats"]  # a --fetch-only bundle: no timing grid to record
+    (gridded / "meta.yaml").write_text(yaml.safe_dump(meta))
+    assert len(read_bundle(gridded).kernels)

@@ -105,6 +105,7 @@ def fetch_keys(model: str, source: str, alphas: Sequence[float], contexts: Seque
 # ---- the grid meta.yaml records, read back ---------------------------------------------------------
 MAX_AXIS = MAX_ITEMS  # values of one grid axis in meta.yaml; more is a damaged meta, not a grid
 HOST_MEMORIES = ("pinned", "pageable")
+COLLECTOR = "profiler.collect"  # meta.yaml `tool` of a bundle profiler.collect wrote
 
 
 @dataclass(frozen=True)
@@ -119,8 +120,15 @@ class MetaGrid:
 
 def expected_keys(meta: dict[str, Any], where: str, error: type[ValueError]) -> dict[str, tuple[str, Iterator]]:
     """{table: (the meta section that lists them, its expected keys, lazily)} for each table whose grid the
-    bundle's meta records; `error` (one line naming `where` and the key) on a meta value of another kind."""
+    bundle's meta records; `error` (one line naming `where` and the key) on a meta value of another kind.
+    A timing bundle profiler.collect wrote (meta `tool`, and `repeats`, which a --fetch-only pass does not
+    write) always records its kernel and copy grids: one without them was edited, and is refused rather than
+    read unchecked."""
     m, out = DottedReader(meta, where, error), {}
+    if meta.get("tool") == COLLECTOR and "repeats" in meta:
+        for section in ("kernels.grid", "transfers.sizes_bytes"):
+            if not m.has(section):
+                raise error(f"{where}: key '{section}' missing: every {COLLECTOR} bundle records the grid it measured")
     if m.has("kernels.grid"):
         axes = MetaGrid(*(m.numbers(f"kernels.grid.{axis}") for axis in ("batches", "kv_lens", "prefill_lens")),
                         m.number("kernels.grid.max_prefill_tokens"))
