@@ -6,16 +6,21 @@ one point after another, exactly as `run_sweep(points, jobs=1)` would; points_pe
 points that fit (and were simulated) against the time of all of them. Then every fitting point is
 replayed in full mode (all CPUs) and the largest |fast/full - 1| of total_s, prefill_s and decode_s
 is reported. Last line: points_per_s=<float> max_dev_pct=<float>
+
+SIGTERM and SIGINT stop it cleanly: the full pass's worker processes are shut down, exit status 130.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Sequence
 from dataclasses import replace
 
+from infinigen_sim.spec.cli import Parser
 from infinigen_sim.spec.policies import ALL_POLICIES
 from infinigen_sim.sweep.grid import Point, SweepGrid, expand_points
 from infinigen_sim.sweep.point import simulate_point
@@ -45,11 +50,34 @@ def time_fast(points: list[Point]) -> tuple[list[dict], float]:
 
 def full_rows(points: list[Point]) -> list[dict]:
     full = [replace(point, mode="full") for point in points]
-    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        return list(pool.map(simulate_point, full, chunksize=4))
+    # leaving the block terminates the workers, also when a signal stops the pass early
+    with multiprocessing.Pool(os.cpu_count() or 1, initializer=_worker_signals) as pool:
+        return pool.map(simulate_point, full, chunksize=4)
 
 
-def main() -> int:
+def _worker_signals() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool's terminate() just ends a worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwinds: the full pass's pool shuts down
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    Parser("python experiments/bench_sweep.py", __doc__.split("\n\n")[0],
+           epilog="Prints the fast pass's points/s and its largest deviation from the full replay; exit status 0, "
+                  "130 when stopped by SIGTERM or SIGINT.").parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        return bench()
+    except KeyboardInterrupt:
+        print("interrupted: worker processes shut down", file=sys.stderr)
+        return 130
+
+
+def bench() -> int:
+    """The fast pass on one CPU, then the full replay of every fitting point; prints the figures."""
     points = expand_points([HW], GRID, mode="fast")
     rows, elapsed = time_fast(points)
     fitting = [(p, r) for p, r in zip(points, rows, strict=True) if r["fits"]]

@@ -73,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         point = parse_point(args.point)
         dirs = [Path(i) for i in args.inputs if Path(i).is_dir()]
         if dirs and len(args.inputs) > 1:
-            raise ReportError("give one results folder, or hardware configs, not both or several folders")
+            raise ReportError(f"{' '.join(args.inputs)}: give one results folder, or hardware configs, not both "
+                              "or several folders")
         out = Path(args.out) if args.out else dirs[0] if dirs else Path("report")
         check_writable("--out", out, folder=True)
         point = runtime_point(point, args.runtime, bool(dirs))

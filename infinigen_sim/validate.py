@@ -64,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             runtime = load_runtime(args.runtime) if args.runtime else None
         except RuntimeConfigError as exc:
             raise InputError(f"--runtime: {exc}") from None
+        if out.resolve().is_relative_to(Path(args.bundle).resolve()):
+            raise InputError(f"--out {out}: inside the bundle {args.bundle}, which is never written to")
         check_writable("--out", out, folder=True)
         frame, cal, hw = validate_bundle(args.bundle, hw, runtime)
         trace = side_by_side_trace(cal, hw, args.trace, runtime, args.trace_step) if args.trace else None

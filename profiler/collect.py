@@ -98,7 +98,8 @@ def build_parser() -> Parser:
     parser = Parser(PROG, "Measure a profile bundle: meta.yaml, transfers.csv, kernels.csv, steps.csv "
                           "(and fetch.csv with --fetch-model), in the folder --out.",
                     epilog="Units: copy sizes in bytes, lengths in tokens, times in the bundle in microseconds "
-                           "(kernels, transfers) and seconds (steps). Exit status: 0 done, 2 bad input.")
+                           "(kernels, transfers) and seconds (steps). Exit status: 0 done, 2 bad input or an unusable "
+                           "--out, 130 interrupted (rerun with --resume).")
     add_dataclass_arguments(parser, CollectConfig)
     return parser
 
@@ -125,9 +126,12 @@ def resolve_full(config: CollectConfig) -> Plan:
         raise InputError("--budget-s: the time estimate is for --device cuda only")
     try:
         models = tuple(dict.fromkeys(get_model(name) for name in config.models or DEFAULT_MODELS[device_type]))
+    except UnknownModelError as exc:
+        raise InputError(f"--models: {exc}") from None
+    try:
         policies = tuple(dict.fromkeys(parse_policy_name(name).value for name in config.policies))
-    except (UnknownModelError, PolicyError) as exc:
-        raise InputError(str(exc)) from None
+    except PolicyError as exc:
+        raise InputError(f"--policies: {exc}") from None
     repeats, warmup = DEFAULT_REPEATS[config.quick]
     device = torch.device(device_type)
     return Plan(device, models, policies, Path(config.out), config.quick, config.resume,
@@ -163,6 +167,9 @@ def resolve_fetch(config: CollectConfig) -> FetchPass | None:
     contexts = config.fetch_contexts or grid.contexts
     if min(contexts) < grid.steps + 2:
         raise InputError(f"--fetch-contexts: need lengths >= {grid.steps + 2}, got {min(contexts)}")
+    positions = get_model(config.fetch_model).max_positions
+    if max(contexts) > positions:
+        raise InputError(f"--fetch-contexts: {max(contexts)} exceeds {config.fetch_model}'s max_positions {positions}")
     text = Path(config.fetch_text) if config.fetch_text else DEFAULT_TEXT
     if not text.is_file():
         raise InputError(f"--fetch-text {text}: no such file")

@@ -30,13 +30,13 @@ from infinigen_sim.spec.cli import (
 )
 from infinigen_sim.spec.io import write_text_atomic
 from infinigen_sim.spec.models import ModelSpec, UnknownModelError, get_model
-from infinigen_sim.spec.policies import ALL_POLICIES, PolicyConfig, PolicyError, make_policy
+from infinigen_sim.spec.policies import ALL_POLICIES, PolicyConfig, PolicyError, make_policy, parse_policy_name
 from infinigen_sim.spec.trace import chrome_trace, trace_json
 from profiler.runtime.cuda_api import CUDA
 from profiler.runtime.engine import RUNTIME_DESCRIPTION, Engine, GenerationResult, default_device
 from profiler.runtime.model import Transformer
-from profiler.weights.checkpoint import CheckpointError, load_checkpoint
-from profiler.weights.pretrained import PRETRAINED, load_pretrained
+from profiler.weights.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_spec, weight_files
+from profiler.weights.pretrained import PRETRAINED, load_pretrained, pretrained_loader
 
 PROG = "python -m profiler.run"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -80,7 +80,8 @@ def build_parser() -> Parser:
     parser = Parser(PROG, "Run one generation of the runtime under one KV policy on seeded random prompts; print "
                           "its times, throughput and fetched fraction.",
                     epilog="Units: lengths in tokens, times in seconds, tokens_per_s in tokens/s. Exit status: 0 "
-                           "done, 2 bad input.")
+                           "done, 2 bad input (checked before any weight is read) or an unwritable --trace, "
+                           "130 interrupted.")
     add_dataclass_arguments(parser.add_argument_group("run"), RunConfig)
     policy = parser.add_argument_group("policy (defaults: the paper's; shares are of the context or prompt)")
     add_dataclass_arguments(policy, PolicyConfig, skip=("name",))
@@ -141,15 +142,34 @@ def compare(result: GenerationResult, prompt: torch.Tensor, engine: Engine) -> d
     return {"top1_agreement": agree, "max_abs_logit_diff": (result.logits - ref.logits).abs().max().item()}
 
 
-def run(config: RunConfig, policy: PolicyConfig) -> dict:
-    """One generation (and its check) -> the printed figures."""
+def check_before_work(config: RunConfig) -> torch.device:
+    """Everything that can be checked before any weight is read: the device, the --trace path, the model's
+    shapes (the zoo, or --checkpoint's config.json and weight files) and the lengths against its positions."""
     device = resolve_device(config.device)
     if config.trace is not None:
         check_writable("--trace", config.trace, folder=False)
+    try:
+        spec = read_checkpoint_spec(config.checkpoint) if config.checkpoint is not None else get_model(config.model)
+    except UnknownModelError as exc:
+        raise InputError(f"--model: {exc}") from None
+    total = config.prompt_len + config.gen_len
+    if total > spec.max_positions:
+        raise InputError(f"--prompt-len {config.prompt_len} + --gen-len {config.gen_len} = {total} tokens exceeds "
+                         f"{spec.name}'s max_positions {spec.max_positions}")
+    if config.checkpoint is not None:
+        weight_files(Path(config.checkpoint))
+    elif config.model in PRETRAINED and not config.random_weights:
+        pretrained_loader(config.model)  # its packages and weights file are there
+    return device
+
+
+def run(config: RunConfig, policy: PolicyConfig) -> dict:
+    """One generation (and its check) -> the printed figures."""
+    device = check_before_work(config)
     if config.threads is not None:
         torch.set_num_threads(config.threads)  # a shared 2-core box: OpenMP barriers stall on busy cores
-    print(f"device: {device.type}", file=sys.stderr if config.json else sys.stdout)
     with build_engine(config, policy, device) as engine:
+        print(f"device: {device.type}", file=sys.stderr if config.json else sys.stdout)  # after any error
         engine.check_lengths(config.prompt_len, config.gen_len)
         gen = torch.Generator().manual_seed(config.seed)
         prompt = torch.randint(0, engine.spec.vocab_size, (config.batch_size, config.prompt_len), generator=gen)
@@ -176,6 +196,15 @@ def _jsonable(value: object) -> object:
     return str(value) if isinstance(value, float) and not math.isfinite(value) else value
 
 
+def policy_from_args(args: object, name: str) -> PolicyConfig:
+    """The policy the flags ask for; an unknown --policy is named as the flag (a bad parameter by its field)."""
+    try:
+        parse_policy_name(name)
+    except PolicyError as exc:
+        raise InputError(f"--policy: {exc}") from None
+    return dataclass_from_args(PolicyConfig, args, skip=("name",), name=name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -183,10 +212,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     config = dataclass_from_args(RunConfig, args)
     try:
-        policy = dataclass_from_args(PolicyConfig, args, skip=("name",), name=config.policy)
+        policy = policy_from_args(args, config.policy)
         out = run(config, policy)
     except (InputError, PolicyError, UnknownModelError, CheckpointError, ValueError) as exc:
         return report_error(PROG, exc)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     if config.json:
         print(json.dumps({k: _jsonable(v) for k, v in out.items()}, allow_nan=False))
     else:

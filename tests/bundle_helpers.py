@@ -16,6 +16,7 @@ from infinigen_sim.spec.bundle import (
     STEP_COLUMNS,
     TRANSFER_COLUMNS,
 )
+from infinigen_sim.spec.grids import MetaGrid, kernel_keys
 from infinigen_sim.spec.models import get_model
 
 A100 = "NVIDIA A100 80GB PCIe"  # gpu.name of infinigen_sim/hw_configs/a100_pcie4.yaml
@@ -83,4 +84,27 @@ def write_bundle(path: Path, kernels: list[dict], transfers: list[dict], device:
         pd.DataFrame([{"op": op, "device": device_type, "median_us": us, "p10_us": us, "p90_us": us, "repeats": 5,
                        "status": "ok"} for op, us in host_us.items()], columns=HOST_COLUMNS).to_csv(
             path / "host.csv", index=False)
+    return path
+
+
+GRID_META = {"settings": {"models": ["tiny-opt"]},
+             "kernels": {"dtype": "float16", "grid": {"batches": list(BATCHES), "kv_lens": list(KV_LENS),
+                                                      "prefill_lens": list(PREFILL_LENS), "max_prefill_tokens": 4096}},
+             "transfers": {"memory": ["pinned"],
+                           "sizes_bytes": {"min": SIZES[0], "max": SIZES[-1], "spacing": "octave"}}}
+
+
+def grid_bundle(path: Path, seconds=lambda op, b, n, kv: 1e-5 * (1 + b * (n + kv) / 512)) -> Path:
+    """A finished bundle whose meta.yaml records its grid (as profiler.collect writes it) and whose tables
+    hold every row of it: kernels from spec.grids' expansion, the copies of `transfer_rows`."""
+    axes = MetaGrid(**GRID_META["kernels"]["grid"])
+    kernels = []
+    for op, model, dtype, *lengths in kernel_keys(["tiny-opt"], "float16", axes):
+        b, n, kv = map(int, lengths)
+        us = round(1e6 * seconds(op, b, n, kv), 3)
+        kernels.append({"op": op, "model": model, "dtype": dtype, "batch_size": b, "n_tokens": n, "kv_len": kv,
+                        "median_us": us, "p10_us": us, "p90_us": us, "repeats": 5, "status": "ok"})
+    write_bundle(path, kernels, transfer_rows(3e-3))
+    meta = yaml.safe_load((path / "meta.yaml").read_text())
+    (path / "meta.yaml").write_text(yaml.safe_dump({**meta, **GRID_META}, sort_keys=False))
     return path

@@ -14,9 +14,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from bundle_helpers import kernel_rows, transfer_rows, write_bundle
+from bundle_helpers import GRID_META, grid_bundle, kernel_rows, transfer_rows, write_bundle
 
-from infinigen_sim.spec.bundle import BundleError, read_bundle
+from infinigen_sim.spec.bundle import FETCH_COLUMNS, BundleError, read_bundle
+from infinigen_sim.spec.grids import MetaGrid, kernel_keys
 from infinigen_sim.spec.hardware import HW_DIR, HardwareError, load_hardware
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,3 +163,171 @@ def test_a_bad_steps_cell_stops_validate_and_writes_nothing(tmp_path, bundle):
     one_line_exit_2(cli("infinigen_sim.validate", str(bundle)), "steps.csv: line 3, column 'gen_len'")
     assert sorted(p.name for p in bundle.iterdir()) == before
     assert not bundle.with_name("bundle-validation").exists()
+
+
+# ---- a bundle missing a row of its grid ----------------------------------------------------------
+@pytest.fixture
+def gridded(tmp_path) -> Path:
+    return grid_bundle(tmp_path / "gridded")
+
+
+def test_a_gridded_bundle_reads_back(gridded):
+    bundle = read_bundle(gridded)
+    grid = MetaGrid(**GRID_META["kernels"]["grid"])
+    assert len(bundle.kernels) == len(set(kernel_keys(["tiny-opt"], "float16", grid))) > 0
+
+
+@pytest.mark.parametrize(("table", "needles"), [
+    ("kernels.csv", ("kernels.csv: no row for op=", "meta.yaml's kernels.grid", "--resume")),
+    ("transfers.csv", ("transfers.csv: no row for direction=", "meta.yaml's transfers.sizes_bytes")),
+])
+def test_a_table_cut_at_a_line_boundary_is_refused(gridded, table, needles):
+    lines = (gridded / table).read_bytes().splitlines(keepends=True)
+    cut = [line for line in lines if b",pinned,contiguous," in line or table == "kernels.csv"]
+    (gridded / table).write_bytes(b"".join(lines[: lines.index(cut[-1])]))  # whole lines, the last ones gone
+    with pytest.raises(BundleError) as exc:
+        read_bundle(gridded)
+    for needle in needles:
+        assert needle in str(exc.value), (needle, str(exc.value))
+    one_line_exit_2(cli("infinigen_sim.sweep", "a100_pcie4", "--models", "opt-13b", "--profile", str(gridded),
+                        "--out", str(gridded.parent / "out")), table, "no row for")
+    assert not (gridded.parent / "out").exists()
+
+
+def test_a_missing_fetch_row_is_refused(gridded):
+    rows = [{"model": "tiny-opt", "source": "checkpoint", "alpha": 4, "layer": layer, "context_len": n,
+             "fetched_tokens": 10.0, "samples": 2} for n in (512, 1024) for layer in range(4)]
+    pd.DataFrame(rows[:-1], columns=FETCH_COLUMNS).to_csv(gridded / "fetch.csv", index=False)
+    meta = yaml.safe_load((gridded / "meta.yaml").read_text())
+    meta["fetch"] = {"model": "tiny-opt", "source": "checkpoint", "alphas": [4.0], "contexts": [512, 1024]}
+    (gridded / "meta.yaml").write_text(yaml.safe_dump(meta))
+    with pytest.raises(BundleError, match=r"fetch.csv: no row for model=tiny-opt, source=checkpoint, alpha=4, "
+                                          r"layer=3, context_len=1024 of meta.yaml's fetch"):
+        read_bundle(gridded)
+    pd.DataFrame(rows, columns=FETCH_COLUMNS).to_csv(gridded / "fetch.csv", index=False)
+    assert len(read_bundle(gridded).fetch) == len(rows)
+
+
+@pytest.mark.parametrize(("key", "value", "needles"), [
+    ("batches", [1, "eight"], ("key 'kernels.grid.batches'", "a list of 1-64 whole numbers >= 1")),
+    ("batches", list(range(1, 100)), ("key 'kernels.grid.batches'",)),
+    ("max_prefill_tokens", -1, ("key 'kernels.grid.max_prefill_tokens'",)),
+])
+def test_a_damaged_grid_in_meta_is_one_line(gridded, key, value, needles):
+    meta = yaml.safe_load((gridded / "meta.yaml").read_text())
+    meta["kernels"]["grid"][key] = value
+    (gridded / "meta.yaml").write_text(yaml.safe_dump(meta))
+    with pytest.raises(BundleError) as exc:
+        read_bundle(gridded)
+    for needle in needles:
+        assert needle in str(exc.value) and "meta.yaml" in str(exc.value), (needle, str(exc.value))
+
+
+@pytest.mark.parametrize(("column", "value", "needles"), [
+    ("median_us", "0", ("line 5, column 'median_us': expected > 0 on a measured ('ok') row",)),
+    ("median_us", "1e9", ("line 5, expected p10_us <= median_us <= p90_us",)),
+    ("batch_size", "1e30", ("line 5, column 'batch_size'", "whole number")),
+])
+def test_an_inconsistent_measured_row_is_refused(gridded, column, value, needles):
+    damage(gridded, "kernels.csv", set_cell(column, value))
+    with pytest.raises(BundleError) as exc:
+        read_bundle(gridded)
+    for needle in needles:
+        assert needle in str(exc.value), (needle, str(exc.value))
+
+
+def test_a_row_with_fewer_fields_is_refused(gridded):
+    lines = (gridded / "kernels.csv").read_text().splitlines(keepends=True)
+    lines[3] = ",".join(lines[3].split(",")[:5]) + "\n"
+    (gridded / "kernels.csv").write_text("".join(lines))
+    with pytest.raises(BundleError, match="kernels.csv: line 4, column 'kv_len': expected a whole number >= 0, got ''"):
+        read_bundle(gridded)
+
+
+# ---- found by tests/test_fuzz.py -----------------------------------------------------------------
+def test_a_cell_with_a_line_break_is_quoted_on_one_line(gridded):
+    damage(gridded, "kernels.csv", set_cell("op", "\n", row=0))
+    with pytest.raises(BundleError, match=r"line 2, column 'op': expected a non-empty text, got '\\n'$"):
+        read_bundle(gridded)
+
+
+def test_an_unknown_key_with_a_line_break_is_quoted_on_one_line(tmp_path):
+    path = tmp_path / "card.yaml"
+    path.write_text(A100 + "? '\n\n  '\n: null\n")
+    with pytest.raises(HardwareError, match=r"unknown key '\\n' \(expected one of") as exc:
+        load_hardware(path)
+    assert "\n" not in str(exc.value)
+
+
+def test_a_repeated_hardware_config_is_dropped_and_two_of_one_name_refused(tmp_path):
+    result = cli("infinigen_sim.sweep", "a100_pcie4", "a100_pcie4", "--models", "opt-13b", "--batch-sizes", "8",
+                 "--prompt-lens", "512", "--out", str(tmp_path / "once"))
+    assert result.returncode == 0 and "note: dropped repeated hardware config 'a100_pcie4'" in result.stderr
+    assert not pd.read_csv(tmp_path / "once" / "results.csv")["key"].duplicated().any()
+    (tmp_path / "copy.yaml").write_text(A100)
+    one_line_exit_2(cli("infinigen_sim.sweep", "a100_pcie4", str(tmp_path / "copy.yaml"), "--models", "opt-13b",
+                        "--out", str(tmp_path / "twice")), "key 'name': 'a100_pcie4' is also the name of")
+    assert not (tmp_path / "twice").exists()
+
+
+def test_a_list_given_to_set_is_text_not_a_crash(tmp_path):
+    one_line_exit_2(cli("infinigen_sim.sweep", "a100_pcie4", "--models", "opt-13b", "--set", "unchecked=[x]",
+                        "--out", str(tmp_path / "out")), "key 'unchecked': expected a list of dotted keys")
+
+
+def test_validate_never_writes_inside_the_bundle(bundle):
+    before = sorted(p.name for p in bundle.iterdir())
+    one_line_exit_2(cli("infinigen_sim.validate", str(bundle), "--out", str(bundle / "checked")),
+                    "inside the bundle", "never written to")
+    assert sorted(p.name for p in bundle.iterdir()) == before
+
+
+# ---- exit status, the same in every command ------------------------------------------------------
+def _mains():
+    from infinigen_sim import plan, report, validate
+    from infinigen_sim.sweep import __main__ as sweep
+    from profiler import accuracy, collect, run, skew_stats
+
+    return {"sweep": sweep.main, "plan": plan.main, "report": report.main, "validate": validate.main,
+            "collect": collect.main, "run": run.main, "accuracy": accuracy.main, "skew_stats": skew_stats.main}
+
+
+@pytest.mark.parametrize("name", ["sweep", "plan", "report", "validate", "collect", "run", "accuracy", "skew_stats"])
+def test_every_command_exits_0_on_help_and_2_on_a_bad_flag(name, capsys):
+    main = _mains()[name]
+
+    def status(argv):
+        try:
+            return main(argv)
+        except SystemExit as exc:  # argparse, for the commands that let it exit
+            return exc.code
+
+    assert status(["--help"]) == 0 and "usage:" in capsys.readouterr().out
+    assert status(["--no-such-flag"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("python ") and ": error: " in err[0], err
+
+
+def test_an_int4_group_whose_codes_do_not_fill_bytes_is_refused_before_the_engine(capsys):
+    from infinigen_sim.spec.policies import PolicyError, make_policy
+    from profiler.run import main
+
+    with pytest.raises(PolicyError, match="bad quant_group=7"):
+        make_policy("int4", quant_group=7)
+    assert make_policy("int4", quant_bits=2, quant_group=4).quant_group == 4
+    assert main(["--policy", "int4", "--quant-group", "7", "--prompt-len", "8", "--gen-len", "2"]) == 2
+    assert "bad quant_group=7" in capsys.readouterr().err
+
+
+def test_a_collected_bundle_whose_meta_lost_its_grid_is_refused(gridded):
+    meta = yaml.safe_load((gridded / "meta.yaml").read_text())
+    meta["tool"], meta["repeats"] = "profiler.collect", {"timed": 3, "warmup": 1}
+    (gridded / "meta.yaml").write_text(yaml.safe_dump(meta))
+    assert len(read_bundle(gridded).kernels)
+    del meta["kernels"]["grid"]
+    (gridded / "meta.yaml").write_text(yaml.safe_dump(meta))
+    with pytest.raises(BundleError, match="key 'kernels.grid' missing: every profiler.collect bundle records"):
+        read_bundle(gridded)
+    del meta["repeats"]  # a --fetch-only bundle: no timing grid to record
+    (gridded / "meta.yaml").write_text(yaml.safe_dump(meta))
+    assert len(read_bundle(gridded).kernels)

@@ -123,8 +123,10 @@ def test_a_handoff_grows_with_the_bytes_a_layer_fetches(tmp_path):
     path = cpu_runtime_bundle(tmp_path)
     t = pd.read_csv(path / "transfers.csv")
     rows = t.layout == "handoff.flexgen"
-    t.loc[rows, "median_us"] = 100.0 + t.loc[rows, "nbytes"] / 2**20 * 10.0
-    t = pd.concat([t, t[rows].assign(layout="handoff.infinigen", median_us=t[rows].median_us * 2)])
+    for column in ("median_us", "p10_us", "p90_us"):  # one spread-free sample set: p10 = median = p90
+        t.loc[rows, column] = 100.0 + t.loc[rows, "nbytes"] / 2**20 * 10.0
+    twice = t[rows].median_us * 2
+    t = pd.concat([t, t[rows].assign(layout="handoff.infinigen", median_us=twice, p10_us=twice, p90_us=twice)])
     t.to_csv(path / "transfers.csv", index=False)
     handoff = Calibration.load(path).handoff
     assert handoff.fit("flexgen").fixed_s == pytest.approx(100e-6, rel=1e-3)

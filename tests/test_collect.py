@@ -345,3 +345,20 @@ def test_help_shows_every_default_and_unit(capsys) -> None:
     text = " ".join(capsys.readouterr().out.split())
     assert "--out DIR bundle folder to write (default: profile_bundle)" in text
     assert "[calls]" in text and "[tokens]" in text and "(default: ideal,flexgen,int4,h2o,infinigen)" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "/proc/x"], "--out /proc/x: cannot write in /proc"),
+    (["--out", "/proc/x", "--quick"], "--out /proc/x: cannot write in /proc"),
+    (["--fetch-model", "smollm2-135m", "--fetch-only", "--fetch-contexts", "100000"],
+     "--fetch-contexts: 100000 exceeds smollm2-135m's max_positions 8192"),
+    (["--fetch-model", "smollm2-135m", "--fetch-text", "/nonexistent.txt"], "--fetch-text /nonexistent.txt: no such"),
+    (["--fetch-alphas", "-1", "--fetch-model", "smollm2-135m"], "argument --fetch-alphas: expected a comma list"),
+])
+def test_bad_input_stops_before_any_work(argv: list[str], message: str, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(collect, "collect", None)  # reaching the collection would be a TypeError, not exit 2
+    out = [] if "--out" in argv else ["--out", str(tmp_path / "b")]
+    assert collect.main(["--device", "cpu", *argv, *out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "b").exists()

@@ -11,6 +11,8 @@ file, the dotted key and what was expected.
 from __future__ import annotations
 
 import copy
+import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -121,7 +123,7 @@ def from_raw(raw: dict, where: str, default_name: str) -> HardwareConfig:
     """Validate a merged mapping into a HardwareConfig."""
     for key in raw:
         if key not in _TOP_KEYS:
-            raise HardwareError(f"{where}: unknown key '{key}' (expected one of {', '.join(sorted(_TOP_KEYS))})")
+            raise HardwareError(f"{where}: unknown key {shown(key)} (expected one of {', '.join(sorted(_TOP_KEYS))})")
     for section in _SECTIONS:
         if section not in raw:
             raise HardwareError(f"{where}: missing key '{section}'")
@@ -129,7 +131,7 @@ def from_raw(raw: dict, where: str, default_name: str) -> HardwareConfig:
     for key in unchecked:
         section, _, name = key.partition(".")
         if section not in _SECTIONS or name not in {f.name for f in fields(_SECTIONS[section])}:
-            raise HardwareError(f"{where}: key '{UNCHECKED}': unknown key '{key}' (expected section.field, "
+            raise HardwareError(f"{where}: key '{UNCHECKED}': unknown key {shown(key)} (expected section.field, "
                                 "e.g. link.h2d_gbps)")
     cost = raw.get("cost_per_hour_usd")
     if cost is not None:
@@ -148,32 +150,34 @@ _COST = field(metadata={"help": "on-demand price of one GPU", "unit": "USD/hour"
 
 
 def parse_value(text: str) -> Any:
-    """A `--set` value: YAML scalar syntax (numbers, strings, booleans); text that is no YAML stays text."""
+    """A `--set` value: YAML scalar syntax (numbers, strings, booleans); text that is no YAML scalar (not
+    YAML, or a list or mapping, which cannot be a grid value) stays text."""
     try:
-        return parse_yaml(text, "--set")
+        value = parse_yaml(text, "--set")
     except ValueError:
         return text
+    return text if isinstance(value, (list, dict)) else value
 
 
 def set_dotted(raw: dict, dotted: str, value: Any, where: str) -> dict:
     """A copy of `raw` with `gpu.hbm_gbps`-style key set; unknown keys are errors."""
     parts = dotted.split(".")
     if parts[0] not in _TOP_KEYS - {"base"}:
-        raise HardwareError(f"{where}: --set unknown key '{shown(dotted)}' (expected one of gpu.*, link.*, host.*, "
+        raise HardwareError(f"{where}: --set unknown key {shown(dotted)} (expected one of gpu.*, link.*, host.*, "
                             "name, cost_per_hour_usd, unchecked)")
     if len(parts) == 2 and parts[0] in _SECTIONS:
         known = {f.name for f in fields(_SECTIONS[parts[0]])}
         if parts[1] not in known:
-            raise HardwareError(f"{where}: --set unknown key '{dotted}' (expected one of "
+            raise HardwareError(f"{where}: --set unknown key {shown(dotted)} (expected one of "
                                 f"{', '.join(f'{parts[0]}.{k}' for k in sorted(known))})")
     elif len(parts) != 1 or parts[0] in _SECTIONS:
-        raise HardwareError(f"{where}: --set key '{dotted}': expected section.field, e.g. link.h2d_gbps")
+        raise HardwareError(f"{where}: --set key {shown(dotted)}: expected section.field, e.g. link.h2d_gbps")
     out = copy.deepcopy(raw)
     node = out
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise HardwareError(f"{where}: key '{part}': expected a mapping, got {node!r}")
+            raise HardwareError(f"{where}: key {shown(part)}: expected a mapping, got {shown(node)}")
     node[parts[-1]] = value
     return out
 
@@ -185,6 +189,27 @@ def load_hardware(name_or_path: str | Path, overrides: dict[str, Any] | None = N
     for key, value in (overrides or {}).items():
         raw = set_dotted(raw, key, value, str(path))
     return from_raw(raw, str(path), default_name=path.stem)
+
+
+def distinct_configs(names_or_paths: Sequence[str | Path]) -> list[str | Path]:
+    """`names_or_paths` with each config file once (a repeat dropped with a note on stderr: it would simulate
+    every point twice); HardwareError when two files carry the same `name` (their points would share keys)."""
+    files: set[Path] = set()
+    names: dict[str, Path] = {}
+    out = []
+    for item in names_or_paths:
+        path = resolve_path(item).resolve()
+        if path in files:
+            print(f"note: dropped repeated hardware config {shown(str(item))}", file=sys.stderr)
+            continue
+        name = shown(load_raw(path).get("name", path.stem))
+        if name in names:
+            raise HardwareError(f"{path}: key 'name': {name} is also the name of {names[name]} (configs swept "
+                                "together need distinct names)")
+        files.add(path)
+        names[name] = path
+        out.append(item)
+    return out
 
 
 def all_config_paths() -> list[Path]:

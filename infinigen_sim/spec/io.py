@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from infinigen_sim.spec.schema import shown
+
 MAX_YAML_BYTES = 1 << 20  # a config file; anything larger is not one
 MAX_YAML_DEPTH = 12  # mappings and lists nested this deep at most (the hardware schema needs 2)
 
@@ -195,7 +197,7 @@ def load_with_bases(path: Path, read: Callable[[Path], dict], folder: Path, erro
     if base is None:
         return raw
     if not isinstance(base, str):
-        raise error(f"{path}: key 'base': expected the name of another {what}, got {base!r}")
+        raise error(f"{path}: key 'base': expected the name of another {what}, got {shown(base)}")
     beside = path.parent / (base if Path(base).suffix else f"{base}.yaml")
     base_path = beside if beside.is_file() else folder / f"{base}.yaml"
     if not base_path.is_file():

@@ -61,7 +61,8 @@ class PolicyConfig:
     heavy_ratio: float = field(default=0.1, metadata={"help": "H2O: heavy-hitter budget, share of prompt"})
     recent_ratio: float = field(default=0.1, metadata={"help": "H2O: recent-token budget, share of prompt"})
     quant_bits: int = field(default=4, metadata={"help": "INT4: bits per K/V element"})
-    quant_group: int = field(default=64, metadata={"help": "INT4: elements sharing one scale and zero"})
+    quant_group: int = field(default=64, metadata={
+        "help": "INT4: elements sharing one scale and zero; their codes fill whole bytes"})
     pool_ratio: float | None = field(
         default=None, metadata={"help": "InfiniGen: host KV pool size, share of tokens (None = unlimited)"}
     )
@@ -81,7 +82,7 @@ class PolicyConfig:
             "heavy_ratio": 0 <= self.heavy_ratio <= 1,
             "recent_ratio": 0 <= self.recent_ratio <= 1,
             "quant_bits": self.quant_bits in (2, 4, 8),
-            "quant_group": self.quant_group > 0,
+            "quant_group": self.quant_group > 0 and self.quant_group * self.quant_bits % 8 == 0,
             "pool_ratio": self.pool_ratio is None or 0 < self.pool_ratio <= 1,
             "head_layers": self.head_layers >= 0,
             "head_heavy_ratio": 0 <= self.head_heavy_ratio <= 1,

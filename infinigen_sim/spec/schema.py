@@ -11,6 +11,9 @@ A number field must be a finite int or float (never a bool; `1e3`, which YAML 1.
 number); a whole-number field a whole one; a str
 field a non-empty string of at most MAX_TEXT characters. Every message is one line naming the file,
 the dotted key and what was expected, at most `cli.ERROR_CHARS` long.
+
+`DottedReader` is the same for a file without a fixed schema (a bundle's meta.yaml): typed reads of the
+dotted keys a reader relies on, each failure one line naming the file and the key.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from infinigen_sim.spec.cli import one_line
 MAX_TEXT = 200  # characters of a name or other text field
 _EXPONENT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 UNCHECKED = "unchecked"  # top-level key: dotted keys whose plausibility range is not enforced
+MAX_ITEMS = 64  # values of a list in a loosely shaped file (DottedReader)
+_ABSENT = object()
 
 
 def shown(value: Any) -> str:
@@ -93,7 +98,7 @@ def build_section(where: str, section: str, raw: Any, cls: type, unchecked: Coll
     known = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in known:
-            raise error(f"{where}: unknown key '{section}.{key}' (expected one of {', '.join(known)})")
+            raise error(f"{where}: unknown key {shown(f'{section}.{key}')} (expected one of {', '.join(known)})")
     kwargs = {}
     for name, f in known.items():
         key = f"{section}.{name}" if section else name
@@ -117,3 +122,77 @@ def unchecked_keys(where: str, raw: Mapping[str, Any], error: type[ValueError]) 
     if not isinstance(value, list) or not all(isinstance(k, str) for k in value):
         raise error(f"{where}: key '{UNCHECKED}': expected a list of dotted keys, got {shown(value)}")
     return frozenset(value)
+
+
+# ---- loosely shaped files: typed reads of dotted keys ---------------------------------------------
+class DottedReader:
+    """Typed reads of dotted keys of a loosely shaped file (a bundle's meta.yaml): `error` names the file and
+    the dotted key on a missing value or one of another kind."""
+
+    def __init__(self, data: dict[str, Any], where: str, error: type[ValueError]) -> None:
+        self.data, self.where, self.error = data, where, error
+
+    def has(self, dotted: str) -> bool:
+        return self._get(dotted) is not _ABSENT
+
+    def get(self, dotted: str, default: Any = None) -> Any:
+        value = self._get(dotted)
+        return default if value is _ABSENT else value
+
+    def mapping(self, dotted: str) -> None:
+        """`error` unless the key, when present, holds a mapping."""
+        value = self._get(dotted)
+        if value is not _ABSENT and not isinstance(value, dict):
+            raise self._fail(dotted, "a mapping", value)
+
+    def _get(self, dotted: str) -> Any:
+        node: Any = self.data
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return _ABSENT
+            node = node[part]
+        return node
+
+    def _fail(self, dotted: str, expected: str, value: Any) -> ValueError:
+        got = "nothing" if value is _ABSENT else one_line(repr(value), 60)
+        return self.error(f"{self.where}: key '{dotted}': expected {expected}, got {got}")
+
+    def number(self, dotted: str, whole: bool = True, minimum: float = 1, allow_inf: bool = False) -> Any:
+        value = self._get(dotted)
+        if not _is_number(value, whole, minimum, allow_inf):
+            raise self._fail(dotted, f"{'a whole number' if whole else 'a number'} >= {minimum:g}", value)
+        return value
+
+    def text(self, dotted: str, choices: tuple[str, ...] = ()) -> str:
+        value = self._get(dotted)
+        if not _is_text(value, choices):
+            raise self._fail(dotted, f"one of {', '.join(choices)}" if choices else "a non-empty text", value)
+        return value
+
+    def numbers(self, dotted: str, whole: bool = True, minimum: float = 1, allow_inf: bool = False,
+                most: int = MAX_ITEMS) -> list:
+        value = self._get(dotted)
+        if not (isinstance(value, list) and 0 < len(value) <= most
+                and all(_is_number(v, whole, minimum, allow_inf) for v in value)):
+            kind = "whole numbers" if whole else "numbers"
+            raise self._fail(dotted, f"a list of 1-{most} {kind} >= {minimum:g}", value)
+        return value
+
+    def texts(self, dotted: str, choices: tuple[str, ...] = (), most: int = MAX_ITEMS) -> list[str]:
+        value = self._get(dotted)
+        if not (isinstance(value, list) and 0 < len(value) <= most and all(_is_text(v, choices) for v in value)):
+            what = f"one of {', '.join(choices)}" if choices else "a non-empty text"
+            raise self._fail(dotted, f"a list of 1-{most} values, each {what}", value)
+        return value
+
+
+def _is_number(value: Any, whole: bool, minimum: float, allow_inf: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+        return False
+    return not math.isnan(value) and (allow_inf or math.isfinite(value)) and value >= minimum
+
+
+def _is_text(value: Any, choices: tuple[str, ...]) -> bool:
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_TEXT:
+        return False
+    return not choices or value in choices

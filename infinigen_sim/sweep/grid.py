@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from infinigen_sim.spec.cli import InputError
-from infinigen_sim.spec.hardware import HardwareConfig, load_hardware, parse_value
+from infinigen_sim.spec.hardware import HardwareConfig, distinct_configs, load_hardware, parse_value
 from infinigen_sim.spec.models import get_model
 from infinigen_sim.spec.policies import ALL_POLICIES, PolicyConfig, PolicyError, make_policy
 from infinigen_sim.spec.runtime import DEFAULT_RUNTIME, RuntimeSpec, load_runtime
@@ -83,7 +83,7 @@ def expand_points(hw_configs: Sequence[str | Path], grid: SweepGrid,
     hw_keys = [k for k in settings if not k.startswith(POLICY_PREFIX)]
     policy_keys = [k for k in settings if k.startswith(POLICY_PREFIX)]
     points = []
-    for path in hw_configs:
+    for path in distinct_configs(hw_configs):  # each file once; two files of one name are an error
         for hw_values in itertools.product(*(settings[k] for k in hw_keys)):
             hw = load_hardware(path, dict(zip(hw_keys, hw_values, strict=True)))
             for policy_values in itertools.product(*(settings[k] for k in policy_keys)):

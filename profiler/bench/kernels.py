@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from infinigen_sim.spec.bundle import KERNEL_KEY, row_key
+from infinigen_sim.spec.grids import kernel_passes, pass_points
 from infinigen_sim.spec.models import ModelSpec
 from infinigen_sim.spec.ops import COMPUTE_OPS, OPS, Op, ops_in_pass
 from infinigen_sim.spec.policies import make_policy
@@ -155,28 +156,16 @@ class KernelTask:
         return f"{self.kernel_pass} {self.model} b{self.batch_size}{length}"
 
 
-def point_lengths(kernel_pass: str, op: Op, length: int) -> tuple[int, int]:
-    """(n_tokens, kv_len) of `op`'s row in a pass over `length` (1, kv_len or the prompt n)."""
-    reads_cache = OPS[op].grid == "cache"
-    if kernel_pass == "decode":
-        return 1, 0
-    if kernel_pass == "cache":  # one query per sequence over `length` rows; a tokens op converts them
-        return (1, length) if reads_cache else (length, 0)
-    return length, length if reads_cache else 0  # prefill: n queries over their own n rows
-
-
 def kernel_tasks(models: list[ModelSpec], dtype: str, grid: KernelGrid) -> list[KernelTask]:
-    """Every task of the grid for every model: per batch a decode task, a cache task per kv_len and a
+    """Every task of the grid for every model, as `spec.grids` expands it (the same expansion checks a
+    bundle's kernels.csv for missing rows): per batch a decode task, a cache task per kv_len and a
     prefill task per prompt length (up to max_prefill_tokens)."""
     tasks = []
     for spec in models:
-        for b in grid.batches:
-            lengths = [("decode", 1)] + [("cache", kv) for kv in grid.kv_lens]
-            lengths += [("prefill", n) for n in grid.prefill_lens if b * n <= grid.max_prefill_tokens]
-            for kernel_pass, length in lengths:
-                points = tuple(KernelPoint(op, spec.name, dtype, b, *point_lengths(kernel_pass, op, length))
-                               for op in ops_in_pass(kernel_pass))
-                tasks.append(KernelTask(kernel_pass, spec.name, b, length, points))
+        for kernel_pass, b, length in kernel_passes(grid):
+            points = tuple(KernelPoint(op, spec.name, dtype, b, n_tokens, kv_len)
+                           for op, n_tokens, kv_len in pass_points(kernel_pass, length))
+            tasks.append(KernelTask(kernel_pass, spec.name, b, length, points))
     return tasks
 
 
