@@ -35,6 +35,7 @@ from profiler.bench.collection import Plan, collect
 from profiler.bench.fetch import DEFAULT_TEXT, FETCH_GRIDS, FetchGrid, FetchPass
 from profiler.weights.checkpoint import CheckpointError
 from profiler.weights.pretrained import PRETRAINED, pretrained_loader
+from profiler.weights.skew_file import read_header
 
 PROG = "python -m profiler.collect"
 DEFAULT_MODELS = {"cpu": ("tiny-opt", "small-opt"), "cuda": ("opt-6.7b", "opt-13b")}
@@ -80,6 +81,9 @@ class CollectConfig:
     fetch_text: str | None = field(default=None, metadata={
         "help": f"text the fetch pass reads windows from (default: {DEFAULT_TEXT.name}, shipped in "
                 "profiler/weights/data)", "metavar": "FILE"})
+    fetch_skew: str | None = field(default=None, metadata={
+        "help": "offline skew calibration the fetch pass speculates with (python -m profiler.accuracy "
+                "--calibrate; default: fitted on each window's prompt)", "metavar": "FILE"})
 
 
 def build_parser() -> Parser:
@@ -132,7 +136,13 @@ def resolve_fetch(config: CollectConfig) -> FetchPass | None:
         pretrained_loader(config.fetch_model)  # the packages and the weights are there (loaded later)
     except CheckpointError as exc:
         raise InputError(str(exc)) from None
-    return FetchPass(config.fetch_model, alphas, FetchGrid(contexts, grid.windows, grid.steps), text)
+    if config.fetch_skew is not None:
+        try:
+            read_header(config.fetch_skew, config.fetch_model)  # the calibration is of this model
+        except CheckpointError as exc:
+            raise InputError(f"--fetch-skew {exc}") from None
+    skew = Path(config.fetch_skew) if config.fetch_skew else None
+    return FetchPass(config.fetch_model, alphas, FetchGrid(contexts, grid.windows, grid.steps), text, skew)
 
 
 def prepare_out(plan: Plan) -> dict[str, Any] | None:

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from infinigen_sim.spec.hardware import HardwareConfig, load_hardware
-from infinigen_sim.spec.models import ModelSpec, get_model
 from infinigen_sim.sim.machine import Machine, Recorder, StepState
 from infinigen_sim.sim.processes import decode_step, prefill
 from infinigen_sim.sim.scenario import Scenario
+from infinigen_sim.spec.hardware import HardwareConfig, load_hardware
+from infinigen_sim.spec.models import ModelSpec, get_model
 from infinigen_sim.spec.policies import layer_work, make_policy
 
 

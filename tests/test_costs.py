@@ -10,11 +10,11 @@ import yaml
 
 from infinigen_sim.cost.memory import plan_memory
 from infinigen_sim.cost.physics import CostModel, PhysicsCosts
-from infinigen_sim.spec.ops import COMPUTE_OPS, PHYSICS_OPS
-from infinigen_sim.spec.work import op_work
 from infinigen_sim.spec.hardware import GpuSpec, HardwareConfig, HostSpec, LinkSpec, load_hardware
 from infinigen_sim.spec.models import get_model
+from infinigen_sim.spec.ops import COMPUTE_OPS, PHYSICS_OPS
 from infinigen_sim.spec.policies import make_policy
+from infinigen_sim.spec.work import op_work
 
 # Round numbers so every expected time below is hand-checkable.
 HW = HardwareConfig(

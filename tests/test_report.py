@@ -14,8 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from infinigen_sim import report
-from infinigen_sim.analysis.report import SECTIONS, build
-from infinigen_sim.analysis.report import write_report
+from infinigen_sim.analysis.report import SECTIONS, build, write_report
 from infinigen_sim.analysis.sensitivity import PARAMETERS, PointError, bandwidth_sweep, elasticities, point_from_params
 from infinigen_sim.spec.hardware import load_hardware
 from infinigen_sim.sweep.__main__ import main as sweep_main

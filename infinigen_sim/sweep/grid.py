@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from infinigen_sim.spec.cli import InputError
+from infinigen_sim.spec.fetch import FetchModel
 from infinigen_sim.spec.hardware import HardwareConfig, load_hardware, parse_value
 from infinigen_sim.spec.models import get_model
 from infinigen_sim.spec.policies import ALL_POLICIES, PolicyConfig, PolicyError, make_policy
@@ -51,6 +52,8 @@ class Point:
     settings: tuple[tuple[str, Any], ...] = ()  # the --set values, (dotted key, value)
     mode: str = "fast"
     profile: str | None = None  # profile bundle folder: costs from its measurements (a path keeps Point picklable)
+    fetch_model: FetchModel | None = None  # InfiniGen's fetch counts when given (plan: an accuracy row's), else
+    # the profile's fit or the paper default
 
     @property
     def params(self) -> dict[str, Any]:
