@@ -40,6 +40,7 @@ from profiler.bench.fetch import DEFAULT_TEXT, FETCH_GRIDS, FetchGrid, FetchPass
 from profiler.runtime.cuda_api import CUDA
 from profiler.weights.checkpoint import CheckpointError
 from profiler.weights.pretrained import PRETRAINED, pretrained_loader
+from profiler.weights.skew_file import read_header
 
 PROG = "python -m profiler.collect"
 DEFAULT_MODELS = {"cpu": ("tiny-opt", "small-opt"), "cuda": ("opt-6.7b", "opt-13b")}
@@ -92,6 +93,9 @@ class CollectConfig:
         "unit": "s", "minimum": 0})
     dry_run: bool = field(default=False, metadata={
         "help": "print the plan, its time estimate and what the budget left out; measure nothing"})
+    fetch_skew: str | None = field(default=None, metadata={
+        "help": "offline skew calibration the fetch pass speculates with (python -m profiler.accuracy "
+                "--calibrate; default: fitted on each window's prompt)", "metavar": "FILE"})
 
 
 def build_parser() -> Parser:
@@ -177,7 +181,13 @@ def resolve_fetch(config: CollectConfig) -> FetchPass | None:
         pretrained_loader(config.fetch_model)  # the packages and the weights are there (loaded later)
     except CheckpointError as exc:
         raise InputError(str(exc)) from None
-    return FetchPass(config.fetch_model, alphas, FetchGrid(contexts, grid.windows, grid.steps), text)
+    if config.fetch_skew is not None:
+        try:
+            read_header(config.fetch_skew, config.fetch_model)  # the calibration is of this model
+        except CheckpointError as exc:
+            raise InputError(f"--fetch-skew {exc}") from None
+    skew = Path(config.fetch_skew) if config.fetch_skew else None
+    return FetchPass(config.fetch_model, alphas, FetchGrid(contexts, grid.windows, grid.steps), text, skew)
 
 
 def prepare_out(plan: Plan) -> dict[str, Any] | None:

@@ -6,7 +6,8 @@ weights, e.g. smollm2-135m, run those weights unless --random-weights); it print
 tokens_per_s (batch * decode steps / decode_s, FlexGen's decode throughput) and the mean fetched
 fraction (layers >= full_fetch_layers, every step: rows fetched / context rows). With --check, the
 full-KV (`ideal`) engine on the same weights is teacher-forced on the same token sequence and the
-logits compared. Errors are one line on stderr with exit status 2.
+logits compared. With --skew FILE InfiniGen speculates with an offline skew calibration instead of
+fitting one on each prompt. Errors are one line on stderr with exit status 2.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from profiler.runtime.engine import RUNTIME_DESCRIPTION, Engine, GenerationResul
 from profiler.runtime.model import Transformer
 from profiler.weights.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_spec, weight_files
 from profiler.weights.pretrained import PRETRAINED, load_pretrained, pretrained_loader
+from profiler.weights.skew_file import load_skew, read_header
 
 PROG = "python -m profiler.run"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -74,6 +76,9 @@ class RunConfig:
                 "compute / H2D / D2H streams, dispatching thread, copy worker; ts and dur in us); "
                 "`infinigen_sim.validate BUNDLE --trace FILE` puts the prediction beside it (default: none)",
         "metavar": "FILE.json"})
+    skew: str | None = field(default=None, metadata={
+        "help": "infinigen: offline skew calibration of the model (python -m profiler.accuracy --calibrate; "
+                "default: fitted on each prompt)", "metavar": "FILE"})
 
 
 def build_parser() -> Parser:
@@ -168,9 +173,17 @@ def run(config: RunConfig, policy: PolicyConfig) -> dict:
     device = check_before_work(config)
     if config.threads is not None:
         torch.set_num_threads(config.threads)  # a shared 2-core box: OpenMP barriers stall on busy cores
+    if config.skew is not None:
+        if policy.name.value != "infinigen":
+            raise InputError(f"--skew: only the infinigen policy speculates, not {policy.name.value}")
+        read_header(config.skew)  # before the weights load
     with build_engine(config, policy, device) as engine:
         print(f"device: {device.type}", file=sys.stderr if config.json else sys.stdout)  # after any error
         engine.check_lengths(config.prompt_len, config.gen_len)
+        if config.skew is not None:
+            spec = engine.spec
+            engine.cache.configure(calibration=load_skew(config.skew, spec.name, spec.n_kv_heads, spec.head_dim,
+                                                         spec.n_layers, policy.full_fetch_layers))
         gen = torch.Generator().manual_seed(config.seed)
         prompt = torch.randint(0, engine.spec.vocab_size, (config.batch_size, config.prompt_len), generator=gen)
         result = generate(engine, prompt, config)
@@ -187,6 +200,8 @@ def run(config: RunConfig, policy: PolicyConfig) -> dict:
             "tokens_per_s": config.batch_size * steps / result.decode_s if steps else 0.0,
             "fetched_fraction": result.fetched_fraction(policy.full_fetch_layers),
         }
+        if policy.name.value == "infinigen":
+            out["skew"] = Path(config.skew).name if config.skew else "fitted on the prompt"
         if config.check:
             out.update(compare(result, prompt, engine))
     return out

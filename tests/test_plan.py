@@ -1,4 +1,5 @@
-"""Capacity planning: golden output for a fixed request, the ranking and Pareto rules, and errors.
+"""Capacity planning: golden output for a fixed request, the ranking and Pareto rules, errors, and the
+accuracy-aware plan (--max-ppl-increase: each policy at its cheapest measured setting within the limit).
 
 Regenerate the golden files after an intended change to the simulator or the output format with
     INFINIGEN_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_plan.py
@@ -7,6 +8,7 @@ and review the diff: the simulator is deterministic, so the comparison is exact.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -14,9 +16,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_accuracy_table import table_rows
 
-from infinigen_sim.analysis.plan import PlanRequest, evaluate, ranked
+from infinigen_sim.analysis.plan import AccuracyPick, PlanRequest, evaluate, h2o_at_fraction, ranked
 from infinigen_sim.plan import main
+from infinigen_sim.spec.accuracy import find_table, measured_fetch_model, to_csv
+from infinigen_sim.spec.policies import h2o_budget, make_policy
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("INFINIGEN_UPDATE_GOLDEN") == "1"
@@ -110,3 +115,71 @@ def test_command_line_has_no_traceback():
                              "256", "--gen-len", "4", "--target-tokens-per-s", "1", "nope"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+# ---- accuracy-aware planning ------------------------------------------------------------------
+ACCURACY_ARGS = ["--model", "smollm2-135m", "--prompt-len", "1024", "--gen-len", "16", "--target-tokens-per-s", "1",
+                 "--batch-sizes", "1,8"]
+
+
+def test_max_ppl_increase_plans_each_policy_at_its_cheapest_setting_within_the_limit(tmp_path, capsys):
+    table = tmp_path / "accuracy.csv"
+    table.write_text(to_csv(table_rows()))
+    out = tmp_path / "plan.csv"
+    assert main([*ACCURACY_ARGS, "--max-ppl-increase", "5", "--accuracy", str(table), "--out", str(out),
+                 "a100_pcie4"]) == 0
+    printed = capsys.readouterr().out
+    # within +5 % of 40: infinigen a=4 (8 % fetched) beats b=0.1 (10 %); b=0.05 (+10 %) is out; h2o b=0.2 only
+    for line in ("infinigen  infinigen a=4", "h2o        h2o b=0.2", "int4       int4",
+                 "flexgen    full KV (lossless)"):
+        assert line in printed, printed
+    assert "oracle" not in printed.split("\n\n")[0].replace("oracle b=0.05", "")  # a bound, never planned
+    plan = pd.read_csv(out)
+    assert dict(zip(plan["policy"], plan["setting"], strict=False))["infinigen"] == "infinigen a=4"
+    tight = main([*ACCURACY_ARGS, "--max-ppl-increase", "3", "--accuracy", str(table), "a100_pcie4"])
+    assert tight == 0 and "h2o: no measured setting within +3 %; best +4.75 % (left out)" in capsys.readouterr().out
+
+
+def test_planned_infinigen_replays_its_measured_fetch_and_h2o_its_fraction():
+    request = PlanRequest("smollm2-135m", 4096, 16, 1.0, batch_sizes=(8,))
+    lean, heavy = (AccuracyPick("infinigen", label, 0.0, share, make_policy("infinigen", alpha=math.inf,
+                                                                           max_fetch_ratio=0.3),
+                                measured_fetch_model([1.0, 1.0] + [share] * 28, label))
+                   for label, share in (("lean", 0.02), ("heavy", 0.25)))
+    fast, slow = (evaluate(["a100_pcie4"], request, picks=[p]).iloc[0] for p in (lean, heavy))
+    assert fast["setting"] == "lean" and fast["tokens_per_s"] > slow["tokens_per_s"]
+    h2o = h2o_at_fraction(0.1, 4096, 16)
+    heavy_rows, recent_rows = h2o_budget(h2o, 4096)
+    contexts = range(4096, 4096 + 15)
+    share = sum(min(c, heavy_rows + recent_rows) / c for c in contexts) / len(contexts)
+    assert share == pytest.approx(0.1, abs=1e-3)
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    (["--accuracy", "x.csv"], "--accuracy: needs --max-ppl-increase"),
+    (["--max-ppl-increase", "5", "--accuracy", "nope.csv"], "nope.csv: no such accuracy table"),
+    (["--max-ppl-increase", "-1"], "--max-ppl-increase: expected a number >= 0"),
+])
+def test_accuracy_flags_fail_in_one_line(capsys, extra, expected):
+    try:
+        code = main([*ACCURACY_ARGS, *extra, "a100_pcie4"])
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and expected in err, err
+
+
+def test_a_model_without_a_table_is_refused(capsys):
+    code = main(["--model", "opt-13b", "--prompt-len", "1024", "--gen-len", "16", "--target-tokens-per-s", "1",
+                 "--max-ppl-increase", "5", "a100_pcie4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no accuracy table of opt-13b" in err and err.count("\n") == 1
+
+
+def test_committed_smollm2_table_plans_within_5_percent(capsys):
+    """The Done-when command: the committed study's table is found under profiles/ without --accuracy."""
+    assert find_table("smollm2-135m") is not None
+    code = main([*ACCURACY_ARGS, "--max-ppl-increase", "5", "a100_pcie4"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "each policy at its cheapest measured setting within +5 %" in printed
+    assert "infinigen  infinigen" in printed

@@ -15,7 +15,17 @@ from infinigen_sim.spec.policies import infinigen_cap, infinigen_fetch_count, ma
 from profiler.runtime.engine import Engine
 from profiler.runtime.infinigen import HostPool
 from profiler.runtime.model import build_model, prefill_attention
-from profiler.runtime.skew import FoldedSkew, RotarySkew, apply_skew, count_above, skew_matrices, speculation_scores
+from profiler.runtime.skew import (
+    FoldedSkew,
+    RotarySkew,
+    Selection,
+    apply_skew,
+    count_above,
+    skew_matrices,
+    speculation_scores,
+)
+
+MAX = Selection(rank="max")
 
 FAMILIES = ["tiny-opt", "tiny-llama-gqa"]
 
@@ -46,7 +56,7 @@ def test_skew_folding_leaves_every_layer_attention_unchanged():
             scores = torch.einsum(grouped, q.view(B, T, Hkv, -1, D), k)
             torch.testing.assert_close(torch.einsum(grouped, q_s.view(B, T, Hkv, -1, D), k_s), scores)
             _, all_k = every_column.prepare(layer, q, k)  # every column: speculation is exact
-            exact = speculation_scores(every_column.query(layer, a[:, -1:], pos[-1:]), all_k.transpose(1, 2), D)
+            exact = speculation_scores(every_column.query(layer, a[:, -1:], pos[-1:]), all_k.transpose(1, 2), D, MAX)
             torch.testing.assert_close(exact, scores[..., -1, :].amax(dim=2) * D**-0.5)
             kept = skew.query(layer, a, pos).view(B, T, H, -1)  # the partial W_Q on every position
             torch.testing.assert_close(kept, apply_skew(q, skew.skew_cols[layer]))
@@ -85,7 +95,7 @@ def test_rotary_skew_with_all_columns_reproduces_the_scores():
         _, partial_k = skew.prepare(0, q, k)  # (B, T, Hkv, D)
         new_pos = pos[-1:]
         spec_q = skew.query(0, a[:, -1:], new_pos)  # (B, Hkv, G, D)
-        scores = speculation_scores(spec_q, partial_k.transpose(1, 2), spec.head_dim)
+        scores = speculation_scores(spec_q, partial_k.transpose(1, 2), spec.head_dim, MAX)
         q_last = q[:, -1].view(2, spec.n_kv_heads, spec.group_size, spec.head_dim)
         true = torch.einsum("bjgd,btjd->bjgt", q_last, k) / spec.head_dim**0.5
     torch.testing.assert_close(scores, true.amax(dim=2))
@@ -124,8 +134,9 @@ def test_fetch_counts_respect_the_cap_and_full_layers(name):
 
 def test_fetch_count_is_the_policy_rule_on_the_speculated_count():
     scores = torch.tensor([[[9.0, 8.5, 1.0, 0.0, 7.0, -3.0]], [[2.0, 2.0, 2.0, 2.0, 2.0, 2.0]]])  # (B=2, Hkv=1, 6)
-    selected = count_above(scores, alpha=2.5).item()  # rows above max - 2.5: 3 and 6 -> mean 4.5
-    assert selected == 4.5
+    logits = scores[:, :, None, :]  # (B, Hkv, G=1, n)
+    selected = count_above(logits, alpha=2.5, selection=MAX).item()  # rows above max - 2.5: 3 and 6 -> mean 4.5
+    assert selected == 4.5 == count_above(logits, alpha=2.5).item()  # one query head: both rules agree
     policy = make_policy("infinigen", max_fetch_ratio=0.5)
     assert infinigen_fetch_count(policy, 5, 6, selected) == 3  # capped at floor(0.5 * 6)
     assert infinigen_fetch_count(policy, 0, 6, selected) == 6  # a full-fetch layer
@@ -176,3 +187,21 @@ def test_bounded_pool_keeps_k_v_and_partial_k_aligned():
         expected = apply_skew(host_k, cache.skew.skew_cols[layer]).transpose(1, 2)
         torch.testing.assert_close(cache.partial_k_cache[layer], expected)
     assert all(s.fetched[i] <= capacity for s in result.steps for i in range(spec.n_layers))
+
+
+def test_sum_rule_counts_per_query_head_and_floors_the_count():
+    """The default rule: per query head the rows above its own max - alpha, averaged over every query head
+    (here 1 and 3 -> 2); rows ranked by the group's summed softmax; the floor lifts a count to its share."""
+    logits = torch.tensor([[[[5.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, -9.0]]]])  # (B=1, Hkv=1, G=2, n=4)
+    assert count_above(logits, alpha=2.0).item() == 2.0
+    assert count_above(logits, alpha=2.0, selection=MAX).item() == 1.0  # the max rule: only row 0 is near 5
+    floored = Selection(min_fetch_ratio=0.75)
+    assert count_above(logits, alpha=2.0, selection=floored).item() == 3.0
+    valid = torch.tensor([[True, True, False, False], [True, True, True, True]])  # two queries, causal rows
+    two = logits[:, :, :, None].expand(1, 1, 2, 2, 4).masked_fill(~valid, float("-inf"))  # rows not cached: -inf
+    per_query = floored.count(two, 2.0, valid.sum(-1))  # (Q=2,)
+    assert per_query.tolist() == [1.5, 3.0]  # floors 0.75 * 2 and 0.75 * 4 (the counts are 1.5 and 2)
+    ranked = Selection().scores(logits)[0, 0]
+    assert ranked.argmax().item() == 0 and ranked[3] < ranked[1]
+    with pytest.raises(ValueError, match="rank"):
+        Selection(rank="mean")

@@ -16,7 +16,7 @@ from infinigen_sim.spec.ops import Op
 from infinigen_sim.spec.policies import make_policy
 from profiler.runtime.engine import Engine
 from profiler.runtime.model import Transformer, build_model, decode_attention
-from profiler.runtime.skew import speculation_scores
+from profiler.runtime.skew import Selection, speculation_scores
 from profiler.weights.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -63,7 +63,7 @@ def test_gqa_attention_equals_mha_expanded_reference():
     torch.testing.assert_close(probs.reshape(B, H, S), torch.softmax(scores, -1))
 
 
-def test_gqa_speculation_equals_mha_expanded_max():
+def test_gqa_speculation_equals_mha_expanded_max_and_group_mass():
     gen = torch.Generator().manual_seed(1)
     B, Hkv, G, d, n = 2, 2, 4, 5, 9
     q_part = torch.randn(B, Hkv, G, d, generator=gen)
@@ -71,7 +71,9 @@ def test_gqa_speculation_equals_mha_expanded_max():
     per_query_head = torch.einsum("bhd,bhnd->bhn", q_part.reshape(B, Hkv * G, d),
                                   partial_k.repeat_interleave(G, dim=1)) / 32**0.5
     expected = per_query_head.view(B, Hkv, G, n).amax(dim=2)
-    torch.testing.assert_close(speculation_scores(q_part, partial_k, head_dim=32), expected)
+    torch.testing.assert_close(speculation_scores(q_part, partial_k, 32, Selection(rank="max")), expected)
+    summed = torch.softmax(per_query_head.view(B, Hkv, G, n), dim=-1).sum(dim=2)  # the default: group mass
+    torch.testing.assert_close(speculation_scores(q_part, partial_k, head_dim=32), summed)
 
 
 def test_gqa_model_equals_mha_expanded_model():

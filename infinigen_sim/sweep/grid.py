@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from infinigen_sim.spec.cli import InputError
+from infinigen_sim.spec.fetch import FetchModel
 from infinigen_sim.spec.hardware import HardwareConfig, distinct_configs, load_hardware, parse_value
 from infinigen_sim.spec.models import get_model
 from infinigen_sim.spec.policies import ALL_POLICIES, PolicyConfig, PolicyError, make_policy
@@ -58,6 +59,8 @@ class Point:
     mode: str = "fast"
     profile: str | None = None  # profile bundle folder: costs from its measurements (a path keeps Point picklable)
     runtime: RuntimeSpec = DEFAULT_SPEC  # how the runtime schedules and pays for each layer
+    fetch_model: FetchModel | None = None  # InfiniGen's fetch counts when given (plan: an accuracy row's), else
+    # the profile's fit or the paper default
 
     @property
     def params(self) -> dict[str, Any]:

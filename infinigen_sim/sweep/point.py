@@ -31,7 +31,7 @@ def scenario_for(point: Point) -> tuple[Scenario | None, MemoryPlan]:
     if not plan.fits:
         return None, plan
     costs = point_costs(point.profile, point.hw, policy, model, point.runtime)
-    fetch_model = point_fetch_model(point.profile, model, DEFAULT_FETCH_MODEL)
+    fetch_model = point.fetch_model or point_fetch_model(point.profile, model, DEFAULT_FETCH_MODEL)
     return Scenario(costs, model, policy, point.batch_size, point.prompt_len, point.gen_len, fetch_model,
                     plan.streamed_weight_bytes, runtime=runtime), plan
 

@@ -3,9 +3,11 @@
 For each alpha and context length n, `FetchBench` prefills windows of a long text (Tiny Shakespeare
 by default) through the runtime engine under the `infinigen` policy and decodes `steps` teacher-forced
 tokens at contexts n - steps - 1 ... n - 2 (so n fits SmolLM2's 8192 positions). After each step it
-reads, per speculated layer, the rows the speculation selected (score > max - alpha, the mean over
-KV heads, before the max_fetch_ratio cap) from the cache, the same number the copy worker caps into
-the rows it fetches. One fetch.csv row per (model, 'checkpoint', alpha, layer, n): fetched_tokens is
+reads, per speculated layer, the rows the speculation selected (skew.Selection, the runtime's rule:
+per query head the rows above its max - alpha, the mean over every query head, before the
+max_fetch_ratio cap) from the cache, the same number the copy worker caps into the rows it fetches.
+The skew is fitted on each window's prompt, or taken from an offline calibration file (`skew`).
+One fetch.csv row per (model, 'checkpoint', alpha, layer, n): fetched_tokens is
 that count averaged over windows x steps (= samples); layers below full_fetch_layers fetch every
 row and record the context. This is what spec.fetch.FetchModel models ("before the cap"); the
 simulator applies the cap itself. The summary prints `spec.fetch.fit_fetch`, the one fit
@@ -28,7 +30,9 @@ from infinigen_sim.spec.policies import infinigen_cap, make_policy
 from profiler.bench.stats import synchronize
 from profiler.runtime.engine import Engine
 from profiler.runtime.model import Transformer
+from profiler.runtime.skew import DEFAULT_SELECTION, SkewCalibration
 from profiler.weights.pretrained import load_pretrained
+from profiler.weights.skew_file import load_skew
 from profiler.weights.texts import SHAKESPEARE_TEXT, load_text_ids
 
 DEFAULT_TEXT = SHAKESPEARE_TEXT
@@ -92,6 +96,7 @@ class FetchPass:
     alphas: tuple[float, ...]
     grid: FetchGrid
     text: Path
+    skew: Path | None = None  # offline skew calibration (profiler.weights.skew_file); None: fitted per prompt
 
     def units(self, max_positions: int) -> list[tuple[float, int]]:
         """(alpha, context) points, those that fit the model's positions."""
@@ -107,9 +112,11 @@ class FetchPass:
         return {"model": self.model, "source": CHECKPOINT_SOURCE, "alphas": [float(a) for a in self.alphas],
                 "contexts": list(self.grid.contexts), "windows": self.grid.windows, "steps": self.grid.steps,
                 "text": self.text.name,
-                "fetched_tokens": "rows InfiniGen's speculation selected (score > max - alpha), mean over KV heads "
-                                  "and samples = windows x decode steps, before the max_fetch_ratio cap; layers "
-                                  "below full_fetch_layers: the context",
+                "skew": self.skew.name if self.skew is not None else "fitted on each prompt",
+                "rank": f"{DEFAULT_SELECTION.rank} (skew.Selection)",
+                "fetched_tokens": "rows InfiniGen's speculation selected (per query head above max - alpha), "
+                                  "mean over query heads and samples = windows x decode steps, before the "
+                                  "max_fetch_ratio cap; layers below full_fetch_layers: the context",
                 "context_len": "nominal n: the decode steps run at contexts n - steps - 1 ... n - 2"}
 
 
@@ -117,16 +124,20 @@ class FetchBench:
     """Counts InfiniGen's speculated rows of one checkpoint over windows of one tokenised text."""
 
     def __init__(self, fetch: FetchPass, spec: ModelSpec, model: Transformer, ids: Tensor, device: torch.device,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, calibration: SkewCalibration | None = None) -> None:
         self.fetch, self.spec, self.model = fetch, spec, model
         self.ids = ids  # (n,) the whole text
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.calibration = device, dtype, calibration
 
     @classmethod
     def load(cls, fetch: FetchPass, device: torch.device, dtype: torch.dtype | None = None) -> FetchBench:
         """The checkpoint's weights and the text's token ids (CheckpointError if not installed)."""
         spec, model = load_pretrained(fetch.model)
-        return cls(fetch, spec, model, load_text_ids(fetch.model, fetch.text)[0], device, dtype)
+        calibration = None
+        if fetch.skew is not None:
+            calibration = load_skew(fetch.skew, fetch.model, spec.n_kv_heads, spec.head_dim, spec.n_layers,
+                                    make_policy("infinigen").full_fetch_layers)
+        return cls(fetch, spec, model, load_text_ids(fetch.model, fetch.text)[0], device, dtype, calibration)
 
     def measure(self, alpha: float, context_len: int) -> list[dict]:
         """One row per layer: the mean rows selected at `context_len` over windows x steps."""
@@ -137,6 +148,7 @@ class FetchBench:
         for start in window_starts(len(self.ids), prompt_len + steps, self.fetch.grid.windows):
             window = self.ids[start : start + prompt_len + steps].unsqueeze(0)  # (1, S + steps)
             with Engine(self.spec, policy, self.device, self.dtype, model=self.model) as engine:
+                engine.cache.configure(calibration=self.calibration)
                 per_step += speculated_counts(engine, window[:, :prompt_len], window[:, prompt_len:])
         samples = len(per_step)
         return [{"model": self.fetch.model, "source": CHECKPOINT_SOURCE, "alpha": csv_alpha(alpha), "layer": layer,
@@ -154,7 +166,7 @@ def summary_lines(frame: pd.DataFrame, n_layers: int, full_fetch_layers: int,
     policy = make_policy("infinigen", max_fetch_ratio=max_fetch_ratio)
     groups = layer_groups(n_layers, full_fetch_layers)
     for (model, alpha), rows in rows_all.groupby(["model", "alpha"]):
-        lines.append(f"fetch {model} alpha {alpha:g} (rows selected by speculation, mean over KV heads and "
+        lines.append(f"fetch {model} alpha {alpha:g} (rows selected by speculation, mean over heads and "
                      f"samples, before the {max_fetch_ratio:g} cap; share = min(count, cap) / n over layers "
                      f">= {full_fetch_layers})")
         head = "  context  samples  " + "  ".join(f"layers {lo:>2}-{hi:<2}" for lo, hi in groups)

@@ -1,9 +1,11 @@
 """`infinigen`: speculate, gather and prefetch only the important K/V rows (Lee et al., OSDI 2024).
 
 Prefill skews every speculated layer (skew.py: kept beside the model, whose weights it never writes;
-the host cache keeps plain K) and keeps its partial K cache on the device. At the
+the host cache keeps plain K; A and the partial columns fitted on the prompt, or taken from an offline
+`SkewCalibration` given to `configure`) and keeps its partial K cache on the device. At the
 start of decode layer i-1 the engine hands this cache layer i-1's attention input; `plan_fetch`
-speculates layer i with it (partial Q x partial K^T, count above max - alpha, top-k per KV head),
+speculates layer i with it (partial Q x partial K^T, then skew.Selection: the count of rows above
+max - alpha and the ranking of a KV head's rows, by default the group's summed speculated softmax),
 sends the indices and the count to the host (small D2H), and the copy worker turns the count into
 a row count through spec.policies.infinigen_fetch_count, gathers exactly those rows into a staging
 buffer (pinned on CUDA) and copies them to the device on the copy stream; layer i's attention waits
@@ -27,9 +29,16 @@ from torch import Tensor
 
 from infinigen_sim.spec.ops import Op
 from infinigen_sim.spec.policies import infinigen_cap, infinigen_fetch_count
-from profiler.runtime.kv_cache import OffloadedCache, Planes, take_rows
+from profiler.runtime.kv_cache import OffloadedCache, Planes, Runtime, take_rows
 from profiler.runtime.model import prompt_attention_mass
-from profiler.runtime.skew import SKEW, count_above, partial_column_count, speculation_scores
+from profiler.runtime.skew import (
+    DEFAULT_SELECTION,
+    SKEW,
+    Selection,
+    SkewCalibration,
+    partial_column_count,
+    speculated_logits,
+)
 from profiler.runtime.transfer import Event, FetchResult
 
 
@@ -99,6 +108,18 @@ class SpeculationPlan:
 class InfiniGenCache(OffloadedCache):
     """`infinigen` on the offloaded machinery: speculated gathers for layers >= full_fetch_layers."""
 
+    def __init__(self, rt: Runtime) -> None:
+        self.selection: Selection = DEFAULT_SELECTION  # set before the base class records its own attributes,
+        self.calibration: SkewCalibration | None = None  # so `release` keeps them across allocations
+        super().__init__(rt)
+
+    def configure(self, selection: Selection | None = None, calibration: SkewCalibration | None = None) -> None:
+        """The selection rule and an offline skew calibration (None: fit on each prompt); before a generation."""
+        self.selection = selection or DEFAULT_SELECTION
+        self.calibration = calibration
+        if hasattr(self, "skew"):  # already allocated: the next prefill uses the new calibration
+            self.skew.calibration = calibration
+
     def _host_rows(self, max_rows: int, prompt_len: int) -> int:
         ratio = self.policy.pool_ratio
         return max_rows if ratio is None else max(1, math.ceil(ratio * max_rows))
@@ -108,7 +129,7 @@ class InfiniGenCache(OffloadedCache):
         spec, rt, pin = self.spec, self.rt, self.copier.cuda
         self.speculated = range(self.policy.full_fetch_layers, self.n_layers)
         self.n_cols = partial_column_count(self.policy, spec.head_dim)
-        self.skew = SKEW[spec.family](rt.model, self.n_cols)
+        self.skew = SKEW[spec.family](rt.model, self.n_cols, self.calibration)
         shape = (batch, spec.n_kv_heads, self.host_rows, self.n_cols)
         self.partial_k_cache = {i: torch.zeros(shape, device=rt.device, dtype=rt.dtype) for i in self.speculated}
         cap = infinigen_cap(self.policy, self.host_rows)  # no speculated layer fetches more rows than this
@@ -159,8 +180,9 @@ class InfiniGenCache(OffloadedCache):
         n = self.entries[layer]
         with self.timer.span(Op.SPECULATE, layer):
             q_part = self.skew.query(layer, a, input_pos)  # (B, Hkv, G, d')
-            scores = speculation_scores(q_part, self.partial_k_cache[layer][:, :, :n], self.spec.head_dim)
-            selected = count_above(scores, self.policy.alpha)
+            logits = speculated_logits(q_part, self.partial_k_cache[layer][:, :, :n], self.spec.head_dim)
+            scores = self.selection.scores(logits)  # (B, Hkv, n)
+            selected = self.selection.count(logits, self.policy.alpha)  # 0-d, before the cap
         cap = infinigen_cap(self.policy, n)
         with self.timer.span(Op.TOPK, layer):
             index = scores.topk(cap, dim=-1).indices.int()  # (B, Hkv, cap), sorted by score; int32 to the host

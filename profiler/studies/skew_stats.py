@@ -10,8 +10,9 @@ The later positions play decode steps and are what is measured (layers >= full_f
   Measured on the prompt's own queries (what A was fitted to) and on the later ones: Llama's K/V are
   skewed after RoPE (skew.RotarySkew), so a basis fitted at prompt positions may not fit later ones.
 - speculation recall: at each decode position t, layer i's rows are scored as InfiniGen does, with
-  layer i's W_Q applied to layer i-1's attention input, the partial columns only, and the max over
-  the query heads of a KV head; the top k = ceil(k_ratio * t) cached rows are kept. Recall is the true
+  layer i's W_Q applied to layer i-1's attention input, the partial columns only, ranked per KV head
+  by the runtime's rule (skew.Selection: the group's summed speculated softmax); the top
+  k = ceil(k_ratio * t) cached rows are kept. Recall is the true
   attention mass (layer i's full attention, mean over the group's heads, over the cached rows) those
   rows hold, over the mass of the true top k. Compared: skewed partial columns (InfiniGen), the same
   number of unskewed columns picked by the same |Q| + |K| rule, and all columns (no partial weights).
@@ -27,7 +28,16 @@ from torch import Tensor
 
 from infinigen_sim.spec.policies import make_policy
 from profiler.runtime.model import Transformer, prefill_attention
-from profiler.runtime.skew import apply_skew, partial_column_count, partial_columns, select_columns, skew_matrices
+from profiler.runtime.skew import (
+    DEFAULT_SELECTION,
+    Selection,
+    apply_skew,
+    partial_column_count,
+    partial_columns,
+    select_columns,
+    skew_matrices,
+    speculated_logits,
+)
 
 K_RATIOS = (0.05, 0.1, 0.2)  # rows kept, share of the cached context (0.2 = InfiniGen's cap)
 VARIANTS = ("skewed", "unskewed", "all columns")
@@ -84,14 +94,15 @@ def true_mass(q: Tensor, k: Tensor, start: int) -> Tensor:
     return probs.masked_fill(j >= t, 0.0).mean(dim=1)
 
 
-def speculated_scores(q_part: Tensor, k_part: Tensor, start: int) -> Tensor:
-    """Partial scores of queries [start, T) over rows j < t, max over the group: (Hkv, Tq, T)."""
+def speculated_scores(q_part: Tensor, k_part: Tensor, start: int, head_dim: int,
+                      selection: Selection = DEFAULT_SELECTION) -> Tensor:
+    """Partial scores of queries [start, T) over rows j < t, ranked by the runtime's rule: (Hkv, Tq, T)."""
     _, T, H, d = q_part.shape
     Hkv = k_part.shape[2]
-    qg = q_part[0, start:].reshape(T - start, Hkv, H // Hkv, d).permute(1, 2, 0, 3)  # (Hkv, G, Tq, d')
-    scores = torch.matmul(qg, k_part[0].permute(1, 2, 0).unsqueeze(1)).amax(dim=1)  # (Hkv, Tq, T)
-    own = torch.arange(start, T)[:, None] <= torch.arange(T)[None, :]
-    return scores.masked_fill(own, float("-inf"))
+    qg = q_part[0, start:].reshape(T - start, Hkv, H // Hkv, d).permute(1, 2, 0, 3)[None]  # (1, Hkv, G, Tq, d')
+    logits = speculated_logits(qg, k_part.permute(0, 2, 1, 3)[:, :, None], head_dim)  # (1, Hkv, G, Tq, T)
+    valid = torch.arange(start, T)[:, None] > torch.arange(T)[None, :]
+    return selection.scores(logits, valid)[0]
 
 
 def recall_at(scores: Tensor, mass: Tensor, start: int, k_ratio: float) -> float:
@@ -137,7 +148,7 @@ def measure(model: Transformer, ids: Tensor, prompt_len: int, partial_ratio: flo
         }
         mass = true_mass(q, k, P)
         for variant, (q_part, k_part) in parts.items():
-            scores = speculated_scores(q_part, k_part, P)
+            scores = speculated_scores(q_part, k_part, P, spec.head_dim)
             for r in k_ratios:
                 stats.recall[variant, r].append(recall_at(scores, mass, P, r))
     return stats
