@@ -111,7 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if config.threads:
             torch.set_num_threads(config.threads)
         window = None if config.calibrate else load_window(config)
-        fit = config.calibrate is not None or ({"offline", "none"} & set(config.skews) and config.skew_file is None)
+        # the unskewed columns ('none') are always fitted on the calibration text; 'offline' only without --skew-file
+        fit = (config.calibrate is not None or "none" in config.skews
+               or ("offline" in config.skews and config.skew_file is None))
         cal_ids = load_text_ids(config.model, config.calibration_text, config.calibration_tokens) if fit else None
         spec, model = load_pretrained(config.model)
         model = model.to(config.device).eval()

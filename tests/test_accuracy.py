@@ -183,6 +183,11 @@ def test_skew_file_round_trips_into_the_cli_and_the_runtime(smol, calibration, t
     table = read_accuracy(out)
     assert list(table["setting"]) == ["ideal", "infinigen a=4", "infinigen b=0.2"] and plot.stat().st_size > 0
     assert "infinigen b=0.2" in capsys.readouterr().out
+    ablation = tmp_path / "ablation.csv"  # --skew-file and unskewed columns: those are fitted on the calibration text
+    assert accuracy_cli.main([*argv[:-4], "--skews", "offline,none", "--calibration-tokens", "64",
+                              "--out", str(ablation)]) == 0
+    assert set(read_accuracy(ablation)["skew"].dropna()) == {"offline", "none"}
+    capsys.readouterr()
     monkeypatch.setattr(run, "load_pretrained", lambda name: (spec, weights))
     base = ["--model", MODEL, "--batch-size", "1", "--prompt-len", "32", "--gen-len", "3", "--warmup", "0",
             "--device", "cpu", "--json", "--skew", str(path)]
