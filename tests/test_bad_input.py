@@ -331,3 +331,10 @@ def test_a_collected_bundle_whose_meta_lost_its_grid_is_refused(gridded):
     del meta["repeats"]  # a --fetch-only bundle: no timing grid to record
     (gridded / "meta.yaml").write_text(yaml.safe_dump(meta))
     assert len(read_bundle(gridded).kernels)
+
+
+def test_a_fetch_only_bundle_is_named_as_such_not_as_a_missing_fact():
+    """profiles/smollm2-135m-fetch-*: fetch.csv alone; as a profile it is refused with what to do instead."""
+    fetch_only = sorted(Path(__file__).resolve().parents[1].glob("profiles/smollm2-135m-fetch-*"))[-1]
+    with pytest.raises(BundleError, match="a --fetch-only bundle .* profiler.collect --fetch-only --resume"):
+        read_bundle(fetch_only)

@@ -293,6 +293,9 @@ def read_bundle(bundle_dir: str | Path) -> Bundle:
     if not meta.get(COMPLETED):
         raise BundleError(f"{bundle_dir / 'meta.yaml'}: key '{COMPLETED}' missing: the collection did not finish "
                           "(finish it with profiler.collect --resume, or collect a new bundle)")
+    if "repeats" not in meta and not (bundle_dir / "kernels.csv").exists() and (bundle_dir / "fetch.csv").exists():
+        raise BundleError(f"{bundle_dir}: a --fetch-only bundle (fetch.csv, no timing tables): add its pass to a timed "
+                          "bundle with profiler.collect --fetch-only --resume --out THAT_BUNDLE")
     check_facts(meta, str(bundle_dir / "meta.yaml"))
     bundle = Bundle(
         path=bundle_dir,
