@@ -150,10 +150,10 @@ def flag_name(field_name: str) -> str:
 
 
 def field_help(f: dataclasses.Field) -> str:
-    """The field's help text with its unit."""
+    """The field's help text with its unit, '%' escaped for argparse (which %-formats help strings)."""
     text = f.metadata.get("help", "")
     unit = f.metadata.get("unit")
-    return f"{text} [{unit}]" if unit else text
+    return (f"{text} [{unit}]" if unit else text).replace("%", "%%")
 
 
 def _kind(annotation: Any) -> tuple[type, bool, bool]:

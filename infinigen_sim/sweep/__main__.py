@@ -55,7 +55,7 @@ class SweepOptions:
         "help": "local worker processes; with --ray and no ADDRESS, the local Ray instance's CPUs (1: all)",
         "minimum": 1})
     mode: str = field(default="fast", metadata={
-        "help": "fast: a few layers and steps, extrapolated (within 0.5%% of full); full: every event",
+        "help": "fast: a few layers and steps, extrapolated (within 0.5% of full); full: every event",
         "choices": MODES})
     trace: str | None = field(default=None, metadata={
         "help": "write a Chrome trace (Perfetto) of the first fitting point's full replay to this file",
