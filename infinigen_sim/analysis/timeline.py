@@ -58,9 +58,7 @@ def run_of(meta: dict[str, Any], where: str) -> tuple[Run, FetchModel | None]:
         raise InputError(f"--trace {where}: otherData: {exc}") from None
     if policy.name.value != "infinigen" or per_step.size == 0:
         return run, None
-    means = per_step.mean(axis=0)
-    groups = tuple((layer, max(float(rows), 1.0), 0.0) for layer, rows in enumerate(means))
-    return run, FetchModel(a=groups[0][1], b=0.0, source=f"measured in {where}", groups=groups)
+    return run, FetchModel.measured_rows(list(enumerate(per_step.mean(axis=0))), f"measured in {where}")
 
 
 def _step_events(events: list[TraceEvent], step: int) -> list[TraceEvent]:

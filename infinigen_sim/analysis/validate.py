@@ -36,7 +36,7 @@ from infinigen_sim.cost.calibrate import Calibration, CalibrationError, calibrat
 from infinigen_sim.sim.machine import Machine, Recorder
 from infinigen_sim.sim.processes import generate
 from infinigen_sim.sim.scenario import CPU_PLACEMENT, GPU_PLACEMENT, PREFILL, Scenario
-from infinigen_sim.spec.bundle import read_bundle
+from infinigen_sim.spec.bundle import WALL_OP, read_bundle
 from infinigen_sim.spec.fetch import FetchModel
 from infinigen_sim.spec.hardware import HardwareConfig
 from infinigen_sim.spec.models import get_model
@@ -44,7 +44,6 @@ from infinigen_sim.spec.ops import Op
 from infinigen_sim.spec.policies import PolicyConfig, PolicyName, h2o_budget, make_policy
 from infinigen_sim.spec.runtime import RuntimeSpec
 
-WALL_OP = "wall"  # steps.csv: a step's wall time (its row marks the step as finished)
 COMPARED_AS = {Op.JOB: Op.COMMIT}  # the copy worker's own Python per job: inside the runtime's commit phase
 WORKER_PHASES = (Op.H2D, Op.GATHER, Op.COMMIT)  # the CPU runtime runs these on its copy worker
 NOT_WORK = (Op.WAIT, Op.HANDOFF, Op.SPAN)  # not a timed phase of the runtime: inside its wall time, outside its phases
@@ -114,9 +113,8 @@ def fetch_model_of(run: Run, n_layers: int) -> FetchModel | None:
     per_layer = rows.groupby(["layer", "step"])["fetched_tokens"].first().groupby("layer").mean()
     if per_layer.empty:
         return None
-    groups = tuple((int(layer), max(float(count), 1.0), 0.0) for layer, count in per_layer.items()
-                   if layer < n_layers)
-    return FetchModel(a=groups[0][1], b=0.0, source=f"measured in {run.run_id}", groups=groups)
+    return FetchModel.measured_rows([(layer, count) for layer, count in per_layer.items() if layer < n_layers],
+                                    f"measured in {run.run_id}")
 
 
 def h2o_fetch_matches(run: Run) -> bool | None:

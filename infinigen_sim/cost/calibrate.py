@@ -153,16 +153,16 @@ class BundleCosts:
                  policy: str | None = None, runtime: RuntimeSpec | None = None) -> None:
         self.cal, self.hw, self.overlap, self.dtype_bytes, self.head_dim = cal, hw, overlap, dtype_bytes, head_dim
         self.model, self.policy = model, policy  # the point's: they pick the span and handoff rows (CPU runtime)
-        self.runtime = runtime or cal.runtime.for_policy(policy or "flexgen")
-        self.fallback = fallback or PhysicsCosts(hw, dtype_bytes, self.runtime)
+        measured = cal.runtime.for_policy(policy or "flexgen")  # the runtime the bundle measured
+        self.runtime = runtime or measured
+        self._target = PhysicsCosts(hw, dtype_bytes, self.runtime)
+        self.fallback = fallback or self._target
         self.ref = cal.reference(hw)
         ref_dtype = cal.kernels.dtype_bytes if self.ref is cal.source else dtype_bytes
-        self._target = PhysicsCosts(hw, dtype_bytes, self.runtime)
         self._ref = PhysicsCosts(self.ref, ref_dtype, self.runtime) if self.ref is not None else None
-        measured = cal.runtime.for_policy(policy or "flexgen")
         # another runtime's kernels move other bytes than the measured ones: scaled by their rooflines
         self._style = None if measured.kernels == self.runtime.kernels else (
-            PhysicsCosts(hw, dtype_bytes, self.runtime), PhysicsCosts(hw, dtype_bytes, measured))
+            self._target, PhysicsCosts(hw, dtype_bytes, measured))
         # copies beside compute take the 'concurrent' rows; a CPU bundle's D2H runs inline (alone)
         self.h2d_concurrent = overlap
         self.d2h_concurrent = overlap and not cal.cpu

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 from infinigen_sim.sim.scenario import INDEX_BYTES, Scenario
 from infinigen_sim.spec.ops import Op
-from infinigen_sim.spec.policies import LayerWork, PolicyName, h2o_budget, stored_bytes_per_token
+from infinigen_sim.spec.policies import LayerWork, PolicyName, h2o_kept, stored_bytes_per_token
 
 
 class LayerTimes(NamedTuple):
@@ -47,7 +47,7 @@ def layer_times(sc: Scenario, work: LayerWork, context_len: int) -> LayerTimes:
     handoff = sc.placement.handoff and work.writeback_bytes > 0  # the CPU runtime hands the layer's jobs over
     memory, gather = sc.runtime.memory, sc.runtime.gather
     host_model = sc.placement.dispatch  # the CPU runtime's copies are memcpys, priced as measured
-    pageable = host_model and memory.host_kv == "pageable"
+    pageable = sc.pageable_kv
     relay = pageable and memory.pageable_copy == "relay" and not work.gathered  # gathered rows: pinned staging
     temporary = host_model and work.gathered and gather.via_temporary
     rows = batch * work.fetch_tokens * model.n_kv_heads * 2  # one per (sequence, KV head) and plane (K, V)
@@ -102,13 +102,13 @@ def prefill_times(sc: Scenario) -> PrefillTimes:
         before.append((Op.SCORE, cost.compute_s(Op.SCORE, model, batch, prompt, prompt)))
     if policy.name is PolicyName.INT4:
         before.append((Op.QUANTIZE, cost.compute_s(Op.QUANTIZE, model, batch, prompt, 0)))
-    pageable = sc.placement.dispatch and sc.runtime.memory.host_kv == "pageable"
+    pageable = sc.pageable_kv
     per_token = stored_bytes_per_token(policy, model, sc.dtype_bytes)
 
     def store_s(layer: int) -> float:
         stored = prompt if policy.offloaded else 0
         if policy.name is PolicyName.H2O:  # only the heavy-hitter + recent budget is kept
-            stored = min(prompt, sum(h2o_budget(policy, prompt, layer)))
+            stored = h2o_kept(policy, prompt, layer)
         return cost.d2h_s(batch * stored * per_token, pageable)
 
     distinct = policy.head_layers if policy.name is PolicyName.H2O else 0  # layers with budgets of their own

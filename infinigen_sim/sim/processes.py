@@ -230,7 +230,7 @@ def store_kv(m: Machine, layer: int, seconds: float, blocks: bool) -> Generator:
 def prefill(m: Machine, n_layers: int) -> Generator:
     """The prompt through `n_layers` layers; it ends when the GPU is done and every store landed."""
     t, overlap, store = prefill_times(m.sc), m.sc.policy.overlap, m.sc.runtime.prefill.store
-    blocks = m.sc.placement.dispatch and m.sc.runtime.memory.host_kv == "pageable"
+    blocks = m.sc.pageable_kv
     yield from m.hold("gpu", [Work(Op.EMBED, -1, t.embed)], PREFILL)
     weights: list[simpy.Event | None] = [None] * n_layers
     stores: list[simpy.Event | None] = [None] * n_layers

@@ -68,5 +68,10 @@ class Scenario:
     runtime: RuntimeSpec = DEFAULT_RUNTIME  # as the policy runs it (RuntimeSpec.for_policy)
 
     @property
+    def pageable_kv(self) -> bool:
+        """The host K/V is pageable and the placement's copies are real host<->device ones (a GPU's)."""
+        return self.placement.dispatch and self.runtime.memory.host_kv == "pageable"
+
+    @property
     def n_decode_steps(self) -> int:
         return max(self.gen_len - 1, 0)

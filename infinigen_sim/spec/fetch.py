@@ -47,6 +47,13 @@ class FetchModel:
         b, log_a = np.polyfit(pts[:, 0], pts[:, 1], 1)
         return cls(a=math.exp(float(log_a)), b=float(b), source=source)
 
+    @classmethod
+    def measured_rows(cls, rows_per_layer: Sequence[tuple[int, float]], source: str) -> FetchModel:
+        """A fixed count per layer, whatever the context: the mean rows a measured run fetched in each
+        (layer, rows) of `rows_per_layer`, at least 1."""
+        groups = tuple((int(layer), max(float(rows), 1.0), 0.0) for layer, rows in rows_per_layer)
+        return cls(a=groups[0][1], b=0.0, source=source, groups=groups)
+
     def tokens(self, context_len: int, layer: int = 0) -> float:
         a, b = self.a, self.b
         for first, ga, gb in self.groups:

@@ -14,14 +14,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from infinigen_sim.cost.physics import DEFAULT as DEFAULT_SPEC  # the default runtime, loaded once
 from infinigen_sim.spec.cli import InputError
 from infinigen_sim.spec.fetch import FetchModel
 from infinigen_sim.spec.hardware import HardwareConfig, distinct_configs, load_hardware, parse_value
 from infinigen_sim.spec.models import get_model
 from infinigen_sim.spec.policies import ALL_POLICIES, PolicyConfig, PolicyError, make_policy
 from infinigen_sim.spec.runtime import DEFAULT_RUNTIME, RuntimeSpec, load_runtime
-
-DEFAULT_SPEC = load_runtime(DEFAULT_RUNTIME)
 
 POLICY_PREFIX = "policy."
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from infinigen_sim.spec.bundle import STEP_KEY, row_key
+from infinigen_sim.spec.bundle import STEP_KEY, WALL_OP, row_key
 from infinigen_sim.spec.models import ModelSpec
 from infinigen_sim.spec.policies import PolicyConfig, make_policy
 from profiler.bench.stats import gc_paused, release_memory
@@ -33,7 +33,6 @@ from profiler.runtime.engine import Engine, default_dtype
 from profiler.runtime.model import Transformer, build_model
 from profiler.runtime.timing import MODEL_LAYER, StepRecord
 
-WALL_OP = "wall"
 SECONDS_DIGITS = 9  # steps.csv keeps nanoseconds: perf_counter's resolution, and a third of the bytes
 
 
