@@ -229,18 +229,24 @@ def _octaves_every_other(values: tuple[int, ...]) -> tuple[int, ...]:
     return kept if values[-1] in kept else (*kept, values[-1])
 
 
+def _grid(attr: str, **change: object) -> Callable[[Plan], Plan]:
+    """A cut of the plan's grid `attr`: each field set to its value, or to its function of the grid."""
+    def cut(p: Plan) -> Plan:
+        grid = getattr(p, attr)
+        return replace(p, **{attr: replace(grid, **{k: v(grid) if callable(v) else v for k, v in change.items()})})
+    return cut
+
+
 def _kernels(**change: object) -> Callable[[Plan], Plan]:
-    return lambda p: replace(p, kernel_grid=replace(p.kernel_grid, **{
-        k: v(p.kernel_grid) if callable(v) else v for k, v in change.items()}))
+    return _grid("kernel_grid", **change)
 
 
 def _sweep(**change: object) -> Callable[[Plan], Plan]:
-    return lambda p: replace(p, sweep=replace(p.sweep, **change))
+    return _grid("sweep", **change)
 
 
 def _steps(**change: object) -> Callable[[Plan], Plan]:
-    return lambda p: replace(p, step_grid=replace(p.step_grid, **{
-        k: v(p.step_grid) if callable(v) else v for k, v in change.items()}))
+    return _grid("step_grid", **change)
 
 
 def _cap(values: tuple[int, ...], top: int) -> tuple[int, ...]:

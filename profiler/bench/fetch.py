@@ -27,7 +27,6 @@ from infinigen_sim.spec.bundle import FETCH_KEY, row_key
 from infinigen_sim.spec.fetch import CHECKPOINT_SOURCE, fit_fetch, layer_groups
 from infinigen_sim.spec.models import ModelSpec
 from infinigen_sim.spec.policies import infinigen_cap, make_policy
-from profiler.bench.stats import synchronize
 from profiler.runtime.engine import Engine
 from profiler.runtime.model import Transformer
 from profiler.runtime.skew import DEFAULT_SELECTION, SkewCalibration
@@ -81,8 +80,7 @@ def speculated_counts(engine: Engine, prompt: Tensor, forced: Tensor) -> list[li
     counts = []
     for t in range(steps):
         engine.decode_one_token(forced[:, t : t + 1].to(engine.device), S + t)  # drains the copy worker
-        synchronize(engine.device)  # the step's CUDA events complete before they are read (and dropped)
-        engine.timer.collect(n_layers)  # drop the step's phase spans
+        engine.timer.discard()  # drop the step's phase spans, once complete
         counts.append([float(cache.selected_host[layer]) if layer in cache.speculated else float(S + t)
                        for layer in range(n_layers)])
     return counts

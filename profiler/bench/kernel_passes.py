@@ -35,7 +35,6 @@ from torch import Tensor
 
 from infinigen_sim.spec.ops import Op
 from infinigen_sim.spec.policies import make_policy
-from profiler.bench.stats import synchronize
 from profiler.runtime.cuda_api import CUDA
 from profiler.runtime.h2o import HeavyHitterCache
 from profiler.runtime.infinigen import InfiniGenCache
@@ -129,11 +128,10 @@ def _cache(kind: type[KVCache], model: Transformer, timer: PhaseTimer, n_layers:
     return kind(Runtime(spec, make_policy(policy, **params), model, p.device, p.dtype, copier, timer))
 
 
-def settle(p: Pass, device: torch.device) -> Pass:
+def settle(p: Pass) -> Pass:
     """The pass's set-up finished: wait for its device work (its D2H copies, its kernels) before its
     spans are read and dropped; CUDA events can be read only once complete."""
-    synchronize(device)
-    p.timer.collect(p.n_layers)
+    p.timer.discard()
     return p
 
 
@@ -189,7 +187,7 @@ def decode_pass(model: Transformer, batch: int, pos: int, seed: int) -> Pass:
         ]
     entries += [Entry(Op.NORM, MODEL_LAYER, lambda: model.norm(x)),
                 Entry(Op.LM_HEAD, MODEL_LAYER, lambda: model.lm_head_logits(x).float())]
-    return settle(Pass(entries, timer, n_layers, [int4]), inp.device)
+    return settle(Pass(entries, timer, n_layers, [int4]))
 
 
 def cache_pass(model: Transformer, n_layers: int, batch: int, kv_len: int, seed: int) -> list[PassBuilder]:
@@ -225,7 +223,7 @@ def cache_pass(model: Transformer, n_layers: int, batch: int, kv_len: int, seed:
         entries = [e for i in layers for e in (*weight_context(model, i, x, input_pos),
                                                Entry(Op.SPECULATE, i, lambda i=i: speculate(i),
                                                      (Op.SPECULATE, Op.TOPK)))]
-        return settle(Pass(entries, timer, n_layers, [infinigen]), device)
+        return settle(Pass(entries, timer, n_layers, [infinigen]))
 
     def dequantisation() -> Pass:
         timer, _, _ = timer_inputs()
@@ -234,7 +232,7 @@ def cache_pass(model: Transformer, n_layers: int, batch: int, kv_len: int, seed:
         int4.reset()
         entries = [Entry(Op.DEQUANTIZE, i, lambda i=i: int4._decode(i, FetchResult(int4.fetch_bufs[i % 2].t, T)),
                          (Op.DEQUANTIZE,)) for i in layers]
-        return settle(Pass(entries, timer, n_layers, [int4]), device)
+        return settle(Pass(entries, timer, n_layers, [int4]))
 
     def attention() -> Pass:
         timer, inp, _ = timer_inputs()
@@ -243,7 +241,7 @@ def cache_pass(model: Transformer, n_layers: int, batch: int, kv_len: int, seed:
         ideal.allocate(B, rows, T)
         ideal.begin_step(T)
         entries = [Entry(Op.ATTENTION, i, lambda i=i: ideal.attend(i, q, k, v), (Op.ATTENTION,)) for i in layers]
-        return settle(Pass(entries, timer, n_layers, [ideal]), device)
+        return settle(Pass(entries, timer, n_layers, [ideal]))
 
     def scores() -> Pass:
         timer, inp, _ = timer_inputs()
@@ -256,7 +254,7 @@ def cache_pass(model: Transformer, n_layers: int, batch: int, kv_len: int, seed:
         h2o.reset()
         h2o.begin_step(T)
         entries = [Entry(Op.SCORE, i, lambda i=i: h2o.after_attention(i, probs, T), (Op.SCORE,)) for i in layers]
-        return settle(Pass(entries, timer, n_layers, [h2o]), device)
+        return settle(Pass(entries, timer, n_layers, [h2o]))
 
     # one pass per policy: no runtime runs another policy's ops between its own
     return [PassBuilder((Op.SPECULATE, Op.TOPK), speculation), PassBuilder((Op.DEQUANTIZE,), dequantisation),
@@ -290,4 +288,4 @@ def prefill_pass(model: Transformer, batch: int, n: int, seed: int) -> Pass:
         Entry(Op.NORM, 0, lambda: block.post_attention_layernorm(x)),
         Entry(Op.FFN, 0, lambda: ffn(block, x, o)),
     ]
-    return settle(Pass(entries, timer, 1, [int4, h2o, infinigen]), inp.device)
+    return settle(Pass(entries, timer, 1, [int4, h2o, infinigen]))

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from infinigen_sim.spec.bundle import KERNEL_KEY, row_key
-from infinigen_sim.spec.grids import kernel_passes, pass_points
+from infinigen_sim.spec.grids import KERNEL_PASSES, kernel_passes, pass_points
 from infinigen_sim.spec.models import ModelSpec
 from infinigen_sim.spec.ops import COMPUTE_OPS, OPS, Op, ops_in_pass
 from infinigen_sim.spec.policies import make_policy
@@ -41,7 +41,6 @@ from profiler.runtime.cuda_api import CUDA
 from profiler.runtime.engine import default_dtype
 from profiler.runtime.model import Transformer, build_model
 
-KERNEL_PASSES = ("decode", "cache", "prefill")  # one token per sequence; policy ops over kv_len rows; prefill
 KERNEL_OPS = tuple(op for op in OPS if any(op in ops_in_pass(p) for p in KERNEL_PASSES))  # every op measured
 OP_POLICY = make_policy("infinigen")  # its defaults carry every op parameter (partial ratio, alpha, int4 group)
 NEW_ROW_OPS = (Op.ATTENTION, Op.SCORE)  # decode rows keyed by kv_len cached rows also read the new one

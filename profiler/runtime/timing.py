@@ -118,6 +118,14 @@ class PhaseTimer:
         self._spans = []
         return out
 
+    def discard(self) -> None:
+        """Drop the spans recorded so far, once the device finished them (CUDA events are read, and may be
+        dropped, only once complete): after set-up work that is not timed."""
+        if self.cuda:
+            CUDA.synchronize()
+        with self._lock:
+            self._events, self._seconds = [], []
+
     def collect(self, n_layers: int) -> tuple[list[dict[str, float]], dict[str, float]]:
         """Per-layer and model-level seconds since the last collect; call after synchronising."""
         with self._lock:

@@ -8,8 +8,7 @@ backend: no display needed.
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import matplotlib
@@ -17,6 +16,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend)
 from matplotlib.ticker import NullFormatter, PercentFormatter  # noqa: E402
+
+from infinigen_sim.spec.io import write_bytes_atomic  # noqa: E402
 
 LIMIT_PCT = 6.0  # the "within 6 % of full KV" line
 TICKS = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0)
@@ -89,14 +90,9 @@ def plot_accuracy(rows: list[dict], path: str | Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:  # a temporary file renamed over: never half a PNG
-        fig.savefig(tmp, format="png")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+    png = io.BytesIO()
+    try:
+        fig.savefig(png, format="png")
     finally:
-        Path(tmp).unlink(missing_ok=True)
         plt.close(fig)
+    write_bytes_atomic(Path(path), png.getvalue())  # never half a PNG

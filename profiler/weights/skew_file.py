@@ -13,14 +13,13 @@ the file and the key.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from infinigen_sim.spec.io import write_bytes_atomic
 from profiler.runtime.skew import SkewCalibration
 from profiler.weights.checkpoint import CheckpointError
 
@@ -43,17 +42,7 @@ def save_skew(path: str | Path, calibration: SkewCalibration) -> None:
         tensors[f"layers.{layer}.column_mass"] = calibration.mass[layer].double().contiguous()
     meta = {**{k: str(v) for k, v in calibration.meta.items()}, "format": FORMAT, "version": VERSION,
             "layers": json.dumps(layers)}
-    data = save(tensors, metadata=meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, save(tensors, metadata=meta))
 
 
 def read_header(path: str | Path, model: str | None = None) -> dict[str, str]:
