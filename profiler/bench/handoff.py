@@ -14,8 +14,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import replace
 
-import numpy as np
 import torch
 
 from infinigen_sim.spec.models import ModelSpec
@@ -24,15 +24,17 @@ from infinigen_sim.spec.policies import PolicyName, fetch_tokens, infinigen_cap,
 from profiler.bench.stats import gc_paused
 from profiler.runtime.engine import CACHES
 from profiler.runtime.infinigen import SpeculationPlan
-from profiler.runtime.kv_cache import OffloadedCache, Runtime
+from profiler.runtime.kv_cache import DeviceCache, OffloadedCache, Runtime
+from profiler.runtime.model import build_model
 from profiler.runtime.timing import PhaseTimer
 from profiler.runtime.transfer import Copier
 
 HANDOFF_POLICIES = tuple(p.value for p in PolicyName if make_policy(p).offloaded)
 HANDOFF_BATCH = 2  # sequences of the emulated step
 HANDOFF_SAMPLES = 10  # samples per timed repeat of a handoff point
-HANDOFF_UNITS = 16  # compute-thread units timed alone before each sample (the drift-free baseline)
+HANDOFF_LAYERS = 8  # decode layers of a sample, run alone and then with their jobs (the drift-free baseline)
 DTYPE = torch.float32  # the CPU runtime's
+CPU = torch.device("cpu")
 
 
 def handoff_contexts(max_bytes: int, spec: ModelSpec) -> list[int]:
@@ -53,7 +55,7 @@ def layer_jobs(policy: str, spec: ModelSpec, context: int, copier: Copier, timer
                generator: torch.Generator) -> Callable[[], list[Future]]:
     """A callable handing the worker one layer's jobs of `policy`'s cache: the fetch, then the commit."""
     p = make_policy(policy)
-    cache: OffloadedCache = CACHES[p.name](Runtime(spec, p, None, torch.device("cpu"), DTYPE, copier, timer))
+    cache: OffloadedCache = CACHES[p.name](Runtime(spec, p, None, CPU, DTYPE, copier, timer))
     cache.allocate(HANDOFF_BATCH, context + 8, context)
     cache.reset()
     layer = spec.n_layers - 1  # speculated by InfiniGen
@@ -76,48 +78,78 @@ def layer_jobs(policy: str, spec: ModelSpec, context: int, copier: Copier, timer
     return jobs
 
 
+def decode_layer(spec: ModelSpec, context: int, timer: PhaseTimer, generator: torch.Generator
+                 ) -> Callable[[], None]:
+    """One decode layer of `spec` at `context` cached rows as the engine runs it (`Engine.decode_layer` over
+    the ideal cache: its six spans, the same modules and attention), the compute-thread work a layer's
+    jobs run beside. A one-layer copy of the model; its K/V rows stay on the device."""
+    one = replace(spec, n_layers=1, max_positions=max(spec.max_positions, context + 1))
+    model = build_model(one, int(torch.randint(0, 2**31, (1,), generator=generator)), CPU, DTYPE).eval()
+    cache = DeviceCache(Runtime(one, make_policy("ideal"), model, CPU, DTYPE, Copier(CPU, False, timer), timer))
+    cache.allocate(HANDOFF_BATCH, context + 1, context)
+    cache.begin_step(context)  # every call writes row `context` and attends over context + 1 rows
+    block, x, pos = model.layers[0], torch.randn(HANDOFF_BATCH, 1, spec.d_model, generator=generator), \
+        torch.tensor([context])
+
+    def layer() -> None:
+        with timer.span(Op.NORM, 0):
+            a = block.input_layernorm(x)
+        with timer.span(Op.QKV, 0):
+            q, k, v = model.qkv(0, a, pos)
+        o = cache.attend(0, q, k, v)
+        with timer.span(Op.FFN, 0):
+            h = x + block.self_attn.o_proj(o)
+        with timer.span(Op.NORM, 0):
+            m = block.post_attention_layernorm(h)
+        with timer.span(Op.FFN, 0):
+            h + block.mlp(m)
+
+    return layer
+
+
 def handoff_samples(policy: str, spec: ModelSpec, context: int, samples: int,
                     generator: torch.Generator) -> list[float]:
     """Microseconds one layer's copy-worker jobs of `policy` at `context` cached tokens cost the compute
     thread, once per sample.
 
-    The compute thread hands the worker the layer's fetch and commit, as the engine does, and runs
-    decode-shaped work meanwhile: one small matmul in a runtime span at a time (Python-bound, as a
-    small model's decode is), until both jobs are done. The sample is its wall time less as many
-    units timed alone just before: the submits, the worker's wake-ups, the GIL the jobs hold, and
-    whatever of the jobs' copies the worker could not run beside the compute thread.
+    As the engine runs a decode step: HANDOFF_LAYERS decode layers of `spec` at the same context
+    (`decode_layer`), each handing the worker its layer's fetch and commit at its start, the previous
+    layer's jobs waited for first. The sample is that block's wall time less the same layers run just
+    before without jobs, per layer: the submits, the worker's wake-ups, the GIL the jobs' Python holds
+    at every op boundary of the compute thread, and whatever of the jobs' copies the worker could not
+    run beside it. The compute work is a real layer's and the jobs come as the engine issues them,
+    because both decide the cost: one small matmul in a loop until a single layer's jobs were done made
+    it 1.2-2x what the engine's own steps showed on the 2-core CPU box (2026-12-02).
     """
     timer = PhaseTimer(False)
-    copier = Copier(torch.device("cpu"), True, timer)
-    x, w = torch.randn(2, 256, generator=generator), torch.randn(256, 256, generator=generator)
+    copier = Copier(CPU, True, timer)
 
-    def unit() -> None:
-        with timer.span(Op.NORM, 0):
-            torch.mm(x, w)
-
-    def sample(jobs: Callable[[], list[Future]]) -> float:
-        alone = []
-        for _ in range(HANDOFF_UNITS):
-            t0 = time.perf_counter()
-            unit()
-            alone.append(time.perf_counter() - t0)
+    def sample(jobs: Callable[[], list[Future]], unit: Callable[[], None]) -> float:
         t0 = time.perf_counter()
-        futures = jobs()
-        units = 0
-        while units == 0 or not all(f.done() for f in futures):
+        for _ in range(HANDOFF_LAYERS):
             unit()
-            units += 1
-        seconds = time.perf_counter() - t0 - units * float(np.median(alone))
-        for future in futures:
-            future.result()  # raise what a job raised
+        alone = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        futures: list[Future] = []
+        for _ in range(HANDOFF_LAYERS):
+            for future in futures:
+                future.result()  # raise what a job raised
+            futures = jobs()
+            unit()
+        with_jobs = time.perf_counter() - t0
+        for future in futures:  # the last layer's jobs, outside the clock
+            future.result()
         timer.collect(spec.n_layers)
-        return seconds * 1e6
+        # a difference of two noisy walls: one below 0 is noise, not a gain (the worker cannot speed
+        # the compute thread up), and counts as 0
+        return max(with_jobs - alone, 0.0) / HANDOFF_LAYERS * 1e6
 
     try:
         with torch.inference_mode(), gc_paused():
             jobs = layer_jobs(policy, spec, context, copier, timer, generator)
-            for _ in range(3):  # warm-up: worker started, allocator and kernels warm
-                sample(jobs)
-            return [sample(jobs) for _ in range(samples)]
+            unit = decode_layer(spec, context, timer, generator)
+            for _ in range(2):  # warm-up: worker started, allocator and kernels warm
+                sample(jobs, unit)
+            return [sample(jobs, unit) for _ in range(samples)]
     finally:
         copier.close()
