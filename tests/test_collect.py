@@ -123,7 +123,7 @@ def test_quick_bundle_reads_back(quick_bundle: Path) -> None:
     assert "h2d pageable contiguous peak" in printed and "% of ceiling" in printed
     assert "h2h pageable host memcpy peak" in printed
     assert "gathered 1024x10240 B" in printed and "attention  b4" in printed and "copy-worker handoff" in printed
-    assert "tiny-opt/infinigen/b2/p128/g16" in printed and "tok/s" in printed
+    assert "tiny-opt/infinigen/b2/p128/g12" in printed and "tok/s" in printed
     op_lines = {line.split()[1]: line for line in printed.splitlines() if line.startswith("  tiny-opt     ")}
     assert "GB/s" in op_lines["attention"] and "GB/s" in op_lines["ffn"] and "GB/s" not in op_lines["span"]
 

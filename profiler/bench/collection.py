@@ -2,8 +2,8 @@
 
 `collect(plan)` writes meta.yaml first (so an interrupted bundle still says what it is), then the
 host's per-op dispatch and per-sync costs (`host`), the copy sweep (`transfers`) and, model by model,
-the op sweep (`kernels`) and the end-to-end runs (`steps`) - a model's runs right after its ops, one
-state of a shared box - and last the fetch pass (`fetch`), each appending rows through
+the op sweep (`kernels`) and the end-to-end runs (`steps`) - on CPU interleaved in rounds, one state
+of a shared box (`run_model`) - and last the fetch pass (`fetch`), each appending rows through
 `spec.bundle.append_rows` as they complete. With `plan.resume` rows whose key is already in the bundle
 are skipped, so a killed run loses nothing and duplicates nothing. It ends by reading the bundle back
 and returning a summary with roofline figures. `python -m profiler.collect` turns flags into a Plan.
@@ -12,6 +12,7 @@ and returning a summary with roofline figures. `python -m profiler.collect` turn
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ from profiler.bench.fetch import FetchBench, FetchPass
 from profiler.bench.fetch import summary_lines as fetch_lines
 from profiler.bench.host import collect_meta, load_average, utc_now
 from profiler.bench.host_costs import host_rows
-from profiler.bench.kernels import GRIDS, KernelBench, KernelGrid, dtype_name, kernel_tasks
+from profiler.bench.kernels import GRIDS, KernelBench, KernelGrid, KernelRounds, KernelTask, dtype_name, kernel_tasks
 from profiler.bench.steps import STEP_GRIDS, StepBench, StepGrid, StepRun, step_runs
 from profiler.bench.transfer_grid import (
     BATCH_SEQS,
@@ -124,7 +125,9 @@ def plan_meta(plan: Plan) -> dict[str, Any]:
             "timing": "CUDA events on the compute stream" if cuda else "perf_counter",
         },
         "steps": {"grid": _plain(asdict(plan.step_grid)),
-                  "policies": list(plan.policies), "source": "profiler.runtime.engine.Engine.generate"},
+                  "policies": list(plan.policies), "source": "profiler.runtime.engine.Engine.generate",
+                  "schedule": "a model's op sweep dealt over the rounds of its runs (collection.run_model)"
+                  if not cuda else "a model's op sweep, then its runs"},
         "runtime": RUNTIME_DESCRIPTION,
         "host_costs": {"ops": ["dispatch", "sync"], "source": "profiler.bench.host_costs",
                        "timing": "perf_counter on the collecting (dispatching) thread"},
@@ -175,8 +178,9 @@ def run_kernels(plan: Plan, bar: tqdm) -> None:
         bar.update()
 
 
-def run_steps(plan: Plan, bar: tqdm) -> None:
-    """End-to-end runs through the runtime engine, skipping finished ones."""
+def run_steps(plan: Plan, bar: tqdm, before_round: Callable[[int], None] = lambda r: None) -> None:
+    """End-to-end runs through the runtime engine, skipping finished ones; `before_round(r)` runs before
+    each round of the runs (`StepBench.measure_runs`)."""
     path = plan.out / "steps.csv"
     done = done_keys(path, STEP_KEY) if plan.resume else set()
     grid = plan.step_grid
@@ -184,10 +188,51 @@ def run_steps(plan: Plan, bar: tqdm) -> None:
     runs = plan_runs(plan)
     todo = [run for run in runs if run.final_key not in done]
     bar.update(len(runs) - len(todo))
-    for run, rows in bench.measure_runs(todo):  # in rounds: a model's runs arrive together
+    for run, rows in bench.measure_runs(todo, before_round):  # in rounds: a model's runs arrive together
         bar.set_postfix_str(run.run_id, refresh=False)
         append_rows(path, [r for r in rows if row_key(r, STEP_KEY) not in done], STEP_COLUMNS)
         bar.update()
+
+
+def run_model(plan: Plan, bar: tqdm) -> None:
+    """One model's op sweep and end-to-end runs (plan.models holds that model).
+
+    CPU, a shared box whose speed drifts by up to 2x over seconds (other tenants): interleaved, so that
+    the ops and the runs they are validated against sample the same spells. Every kernel task's timed
+    passes are dealt over the runs' rounds (`KernelRounds`, each share after its own warm-up), a round
+    of ops right before each round of runs; the tasks' rows are written once their last round ran.
+    (On 2026-12-02, one after the other, a model's runs once ran 1.5x slower than its ops measured
+    seconds before.) CUDA, a device of its own: the op sweep, then the runs."""
+    if plan.device.type != "cpu":
+        run_kernels(plan, bar)
+        run_steps(plan, bar)
+        return
+    path = plan.out / "kernels.csv"
+    done = done_keys(path, KERNEL_KEY) if plan.resume else set()
+    bench = KernelBench(plan.device, {m.name: m for m in plan.models}, plan.kernel_grid, plan.repeats,
+                        plan.warmup, plan.seed)
+    tasks = kernel_tasks(list(plan.models), dtype_name(plan.device), plan.kernel_grid)
+    rounds = KernelRounds(bench, tasks, done, plan.step_grid.repeats)
+    bar.update(len(tasks) - len(rounds.todo))
+    ran: list[int] = []
+
+    def before_round(r: int) -> None:
+        if r >= rounds.rounds:
+            return
+        ran.append(r)
+
+        def on_task(task: KernelTask) -> None:
+            bar.set_postfix_str(f"{task.label} (round {r + 1}/{rounds.rounds})", refresh=False)
+            bar.update(1 / rounds.rounds)
+
+        rounds.run_round(r, on_task)
+
+    run_steps(plan, bar, before_round)
+    for r in range(rounds.rounds):  # runs already done (resumed): the ops' rounds alone
+        if r not in ran:
+            before_round(r)
+    for _, rows in rounds.rows():
+        append_rows(path, rows, KERNEL_COLUMNS)
 
 
 def run_fetch(plan: Plan, bar: tqdm) -> None:
@@ -243,9 +288,8 @@ def collect(plan: Plan, existing_meta: dict[str, Any] | None = None, budget: dic
         if not plan.fetch_only:
             run_host(plan, bar)
             run_transfers(plan, bar, generator)
-            for model in plan.models:  # a model's runs right after its ops: one state of a shared box
-                run_kernels(replace(plan, models=(model,)), bar)
-                run_steps(replace(plan, models=(model,)), bar)
+            for model in plan.models:  # a model's runs beside its ops: one state of a shared box
+                run_model(replace(plan, models=(model,)), bar)
         if plan.fetch is not None:
             run_fetch(plan, bar)
     meta["completed_utc"] = utc_now()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -269,19 +270,23 @@ class KernelBench:
         return [PassBuilder(ops_in_pass("prefill"), lambda: prefill_pass(model, b, task.length, self.seed))]
 
     def measure(self, task: KernelTask, done: set[tuple[str, ...]] = frozenset()) -> list[dict]:
-        """Rows for the task's points not in `done`; an exhausted allocator gives 'oom' rows. Passes are
-        built, run and dropped one at a time, and the allocators' cached blocks (pinned ones too) are
-        handed back after each."""
+        """Rows for the task's points not in `done`, every timed pass in one go; an exhausted allocator
+        gives 'oom' rows."""
         todo = [p for p in task.points if p.key() not in done]
-        if not todo:
-            return []
-        samples, failed = {}, set()
+        return task_rows(todo, *self.samples(task, self.repeats)) if todo else []
+
+    def samples(self, task: KernelTask, passes: int) -> tuple[dict[Op, list[float]], set[Op]]:
+        """({op: microseconds}, ops out of memory) of `passes` timed passes of each of the task's passes
+        after the warm-up ones. Passes are built, run and dropped one at a time, and the allocators'
+        cached blocks (pinned ones too) are handed back after each."""
+        samples: dict[Op, list[float]] = {}
+        failed: set[Op] = set()
         for builder in self.build(task):
             try:
                 with torch.inference_mode():
                     p = builder.build()
                 with torch.inference_mode(), gc_paused():
-                    got, lost = run_passes(p, self.device, self.repeats, self.warmup)
+                    got, lost = run_passes(p, self.device, passes, self.warmup)
                 samples.update(got)
                 failed |= lost
             except Exception as exc:  # noqa: BLE001 - only allocator exhaustion is recorded, the rest re-raised
@@ -290,7 +295,41 @@ class KernelBench:
             finally:
                 p = None  # noqa: F841 - the pass's caches go before the next pass is built
                 release_memory(self.device)
-        return [point.row(None, "oom") if point.op in failed else point.row(samples[point.op]) for point in todo]
+        return samples, failed
+
+
+def task_rows(points: list[KernelPoint], samples: dict[Op, list[float]], failed: set[Op]) -> list[dict]:
+    """The points' rows from their ops' samples; 'oom' rows for ops that ran out of memory."""
+    return [point.row(None, "oom") if point.op in failed else point.row(samples[point.op]) for point in points]
+
+
+class KernelRounds:
+    """A model's op sweep spread over `rounds` rounds (a share of every task's timed passes each, after
+    its own warm-up), run between the rounds of the model's end-to-end runs: on a shared box whose speed
+    drifts over seconds the ops and the runs they predict then sample the same spells."""
+
+    def __init__(self, bench: KernelBench, tasks: list[KernelTask], done: set[tuple[str, ...]], rounds: int) -> None:
+        self.bench, self.rounds = bench, max(1, min(rounds, bench.repeats))
+        self.todo = {task: [p for p in task.points if p.key() not in done] for task in tasks}
+        self.todo = {task: points for task, points in self.todo.items() if points}
+        self.got: dict[KernelTask, tuple[dict[Op, list[float]], set[Op]]] = {t: ({}, set()) for t in self.todo}
+
+    def passes(self, r: int) -> int:
+        """Timed passes of round r: the repeats dealt out as evenly as they go."""
+        return self.bench.repeats // self.rounds + (r < self.bench.repeats % self.rounds)
+
+    def run_round(self, r: int, on_task: Callable[[KernelTask], None] = lambda task: None) -> None:
+        for task in self.todo:
+            on_task(task)
+            samples, failed = self.bench.samples(task, self.passes(r))
+            mine, lost = self.got[task]
+            for op, values in samples.items():
+                mine.setdefault(op, []).extend(values)
+            lost |= failed
+
+    def rows(self) -> Iterator[tuple[KernelTask, list[dict]]]:
+        for task, points in self.todo.items():
+            yield task, task_rows(points, *self.got[task])
 
 
 # ---- summary ---------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ Op names are `infinigen_sim.spec.ops.Op` values: the engine's spans summed per (
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -51,7 +51,7 @@ STEP_GRIDS = {
     ("cuda", False): StepGrid((1, 8), (512, 1536), 32, 3),
     ("cuda", True): StepGrid((1, 8), (512,), 8, 3),
     ("cpu", False): StepGrid((4,), (512,), 14, 3),  # the four CPU presets: a bundle under 2 MB
-    ("cpu", True): StepGrid((2,), (128, 256), 16, 3),
+    ("cpu", True): StepGrid((2,), (128, 256), 12, 5),  # 5 rounds: the op sweep is dealt over them (collection.run_model)
 }
 
 
@@ -114,9 +114,11 @@ class StepBench:
             self._model = (name, built)
         return self._model[1]
 
-    def measure_runs(self, runs: list[StepRun]) -> Iterator[tuple[StepRun, list[dict]]]:
+    def measure_runs(self, runs: list[StepRun], before_round: Callable[[int], None] = lambda r: None
+                     ) -> Iterator[tuple[StepRun, list[dict]]]:
         """(run, rows) for every run, in rounds per group (a model; on CUDA a model, batch and prompt,
-        so that the group's caches fit); a group's runs are yielded once its last round has run."""
+        so that the group's caches fit); a group's runs are yielded once its last round has run.
+        `before_round(r)` runs before round r of every group, after its warm-up."""
         groups: dict[tuple, list[StepRun]] = {}  # in order of first appearance
         for run in runs:
             key = (run.model,) if self.device.type == "cpu" else (run.model, run.batch_size, run.prompt_len)
@@ -132,7 +134,8 @@ class StepBench:
                     engines[run] = stack.enter_context(Engine(spec, make_policy(run.policy), self.device, None,
                                                               self.seed, model=self.model(run.model)))
                     engines[run].generate(prompts[run], run.gen_len)  # warm-up
-                for _ in range(self.repeats):
+                for r in range(self.repeats):
+                    before_round(r)
                     for run in members:
                         with gc_paused():
                             results[run].append(engines[run].generate(prompts[run], run.gen_len))
