@@ -11,6 +11,7 @@ import types
 from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -32,7 +33,7 @@ from infinigen_sim.spec.ops import Op, ops_in_pass
 from infinigen_sim.spec.policies import ALL_POLICIES
 from infinigen_sim.spec.runtime import load_runtime
 from profiler import collect
-from profiler.bench import collection, host, kernels
+from profiler.bench import collection, host, kernels, steps
 from profiler.bench.kernel_passes import cache_pass, decode_pass, prefill_pass
 from profiler.bench.kernels import GRIDS, KERNEL_OPS, KernelBench, kernel_points, kernel_tasks
 from profiler.bench.steps import WALL_OP
@@ -362,3 +363,38 @@ def test_bad_input_stops_before_any_work(argv: list[str], message: str, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "b").exists()
+
+
+def test_cpu_op_sweep_is_dealt_over_the_rounds_of_the_runs(tmp_path: Path, monkeypatch) -> None:
+    """On CPU a model's kernel passes run in shares right before each round of its end-to-end runs (a
+    drifting shared box: the ops and the runs sample the same spells), every timed pass accounted for."""
+    plan = replace(collect.resolve(collect.parse_args([*QUICK, "--out", str(tmp_path / "b")])), repeats=3)
+    plan = replace(plan, kernel_grid=kernels.KernelGrid((2,), (16,), (16,), 64), policies=("ideal", "flexgen"),
+                   step_grid=steps.StepGrid((2,), (16,), 3, 2))
+    plan.out.mkdir()
+    events: list[str] = []
+    run_round, generate = kernels.KernelRounds.run_round, steps.Engine.generate
+    passes: list[int] = []
+
+    def spy_round(self, r, on_task=lambda task: None):
+        events.append(f"ops{r}")
+        passes.append(self.passes(r))
+        return run_round(self, r, on_task)
+
+    def spy_generate(self, *args, **kw):
+        events.append("run")
+        return generate(self, *args, **kw)
+
+    monkeypatch.setattr(kernels.KernelRounds, "run_round", spy_round)
+    monkeypatch.setattr(steps.Engine, "generate", spy_generate)
+    with collection.tqdm(disable=True) as bar:
+        collection.run_model(plan, bar)
+    assert events == ["run", "run", "ops0", "run", "run", "ops1", "run", "run"]  # warm-ups, then rounds
+    assert passes == [2, 1]  # 3 timed passes dealt over 2 rounds
+    rows = pd.read_csv(plan.out / "kernels.csv")
+    expected = {p.key() for p in kernel_points(list(plan.models), "float32", plan.kernel_grid)}
+    assert done_keys(plan.out / "kernels.csv", KERNEL_KEY) == expected
+    n_layers = KernelBench(plan.device, {"tiny-opt": get_model("tiny-opt")}, plan.kernel_grid, 3, 1, 0).layers(
+        get_model("tiny-opt"))
+    attention = rows[(rows.op == "attention") & (rows.n_tokens == 1)]
+    assert set(attention.repeats) == {3 * n_layers}  # every round's passes in the one row
