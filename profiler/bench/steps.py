@@ -51,7 +51,7 @@ STEP_GRIDS = {
     ("cuda", False): StepGrid((1, 8), (512, 1536), 32, 3),
     ("cuda", True): StepGrid((1, 8), (512,), 8, 3),
     ("cpu", False): StepGrid((4,), (512,), 14, 3),  # the four CPU presets: a bundle under 2 MB
-    ("cpu", True): StepGrid((2,), (128, 256), 12, 5),  # 5 rounds: the op sweep is dealt over them (collection.run_model)
+    ("cpu", True): StepGrid((2,), (128, 256), 12, 5),  # 5 rounds: the ops go between (run_model)
 }
 
 
