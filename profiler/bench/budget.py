@@ -148,9 +148,9 @@ def task_s(spec: ModelSpec, kernel_pass: str, batch: int, length: int, passes: i
         seconds += passes * layers * max(host, device)
     if kernel_pass == "prefill":
         seconds += passes * SKEW_S  # InfiniGen's skew: an eigendecomposition per KV head
-    if kernel_pass == "cache":  # speculation's weight context (untimed QKV and FFN calls between layers)
-        for op in (Op.QKV, Op.FFN):
-            seconds += passes * layers * max(*entry_s(op, spec, batch, 1, 0, rates))
+    if kernel_pass == "cache":  # each policy pass's weight context (untimed QKV and FFN calls between layers,
+        for op in (Op.QKV, Op.FFN):  # kernel_passes.in_context): four passes
+            seconds += 4 * passes * layers * max(*entry_s(op, spec, batch, 1, 0, rates))
         # four policies' state: K/V-sized buffers zeroed, InfiniGen's prompt drawn and skewed
         rows = batch * (length + NEW_POS_PAD)
         kv_bytes = layers * rows * spec.kv_bytes_per_token(DTYPE_BYTES)
