@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -86,3 +87,15 @@ def test_sigterm_leaves_no_process_behind(tmp_path, script, started):
     for pid in left:  # do not leave them to the next test either
         os.kill(pid, signal.SIGKILL)
     assert left == {}
+
+
+def test_cpu_fidelity_prints_its_side_by_side_figures():
+    """experiments/cpu_fidelity.py (the figures behind the CPU collection's rounds, in-context ops and
+    handoff bench): one drift line, one context line, one handoff line per offloaded policy, all measured."""
+    result = subprocess.run([sys.executable, "experiments/cpu_fidelity.py", "--seconds", "0.5", "--samples", "2"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["drift", "context"] + ["handoff"] * 4
+    assert re.search(r"bench with layer context \d+ us, bench alone \d+ us, engine step \d+ us", lines[1])
+    assert all(re.search(r"jobs per layer \d+ us; .* \d+ us \(\d+\.\d+x\)", line) for line in lines[2:])
