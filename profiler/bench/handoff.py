@@ -117,9 +117,11 @@ def handoff_samples(policy: str, spec: ModelSpec, context: int, samples: int,
     layer's jobs waited for first. The sample is that block's wall time less the same layers run just
     before without jobs, per layer: the submits, the worker's wake-ups, the GIL the jobs' Python holds
     at every op boundary of the compute thread, and whatever of the jobs' copies the worker could not
-    run beside it. The compute work is a real layer's and the jobs come as the engine issues them,
-    because both decide the cost: one small matmul in a loop until a single layer's jobs were done made
-    it 1.2-2x what the engine's own steps showed on the 2-core CPU box (2026-12-02).
+    run beside it. The compute work is a real layer's and the jobs come as the engine issues them, so
+    that the sample has a step's shape. (The loop it replaced, one small matmul until a single layer's
+    jobs finished, gave 0.7-1.2x these figures on the 2-core CPU box, `experiments/cpu_fidelity.py`,
+    2026-12-02: the shape changed, the level did not. Inside a step much of this cost lands in the
+    compute thread's op spans, which the jobs slow down, rather than between them.)
     """
     timer = PhaseTimer(False)
     copier = Copier(CPU, True, timer)
