@@ -205,3 +205,20 @@ def test_sum_rule_counts_per_query_head_and_floors_the_count():
     assert ranked.argmax().item() == 0 and ranked[3] < ranked[1]
     with pytest.raises(ValueError, match="rank"):
         Selection(rank="mean")
+
+
+@pytest.mark.parametrize("rank", ["sum", "max"])
+def test_selection_scores_leave_uncached_rows_out_of_the_ranking(rank: str) -> None:
+    """With `valid`, rows not cached score -inf and take no share of the summed softmax: the cached rows
+    score exactly as if only they existed (a future row's large logit once shrank the others unevenly)."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 2, 3, 4, 6, generator=gen)  # (B, Hkv, G, Q, n)
+    valid = torch.arange(4)[:, None] + 2 > torch.arange(6)[None, :]  # query q sees rows < q + 2
+    logits[..., 5] = 50.0  # a row no query has cached
+    selection = Selection(rank=rank)
+    got = selection.scores(logits, valid)
+    assert torch.isinf(got[..., ~valid]).all() and (got[..., ~valid] < 0).all()
+    for q in range(4):
+        n = q + 2
+        alone = selection.scores(logits[..., q:q + 1, :n])[..., 0, :]
+        torch.testing.assert_close(got[..., q, :n], alone)

@@ -59,8 +59,11 @@ class Selection:
             raise ValueError(f"min_fetch_ratio: expected a share in [0, 1], got {self.min_fetch_ratio!r}")
 
     def scores(self, logits: Tensor, valid: Tensor | None = None) -> Tensor:
-        """logits (B, Hkv, G, *Q, n), rows not cached at -inf -> ranking scores (B, Hkv, *Q, n); with `valid`
-        (*Q, n), the cached rows, the others score -inf (a summed softmax would give them 0)."""
+        """logits (B, Hkv, G, *Q, n), rows not cached at -inf -> ranking scores (B, Hkv, *Q, n); `valid`
+        (*Q, n), the cached rows, masks the others first (out of the softmax's sum too), and they score -inf
+        (a summed softmax would give them 0)."""
+        if valid is not None:
+            logits = logits.masked_fill(~valid, -math.inf)
         if self.rank == "max":
             return logits.amax(dim=2)
         scores = torch.softmax(logits.float(), dim=-1).sum(dim=2).to(logits.dtype)
