@@ -1,19 +1,19 @@
 """Validation: a quick CPU bundle replayed by the simulator against its own end-to-end runs.
 
 The bundle is collected here (profiler.collect --quick: tiny-opt and small-opt, every policy, batch 2
-at prompts 128 and 256, 15 decode steps, each run's rows the median of 3 generations; one torch
-thread, the CPU default: a second intra-op thread stalls for whole scheduler ticks whenever another
-process holds the other core of a shared 2-core box). Targets over every run's decode step and
-prefill: median |error| <= 10 %, p95 <= 20 %.
+at prompts 128 and 256, 11 decode steps, each run's rows the median of 5 generations, with the model's
+op sweep dealt over those 5 rounds so that the ops and the runs sample the same spells of a shared box
+whose speed drifts by up to 2x over seconds; one torch thread, the CPU default: a second intra-op
+thread stalls for whole scheduler ticks whenever another process holds the other core). Targets over
+every run's decode step and prefill: median |error| <= 10 %, p95 <= 20 %.
 
-The timing targets are non-strict expectations (asserted and reported; an XPASS is the good case):
-11 quick bundles collected on this box with the model in its present form gave a median of
-3.1-9.2 % and a p95 of 7.3-26.7 % (7 of 11 at or under 20 %), so neither has an honest margin here.
-The worst points are always tiny-opt decode steps, whose ops keep their 12 MiB of weights in a
-last-level cache that the box's other tenants share: the same op measured a few seconds apart moves
-by 30-50 % (the kernel sweep and the runs cannot be timed at the same instant), and in a step the K/V
-rows read between two layers' ops push part of the weights out, which the kernel passes (weights
-only) do not. small-opt, whose weights stream from memory either way, stays within ~16 %.
+The timing targets are non-strict expectations (asserted and reported; an XPASS is the good case): the
+box is shared, and a collection that lands in a busy spell of other tenants can miss. Three fresh
+bundles of 2026-12-02 collected one after another gave 1.7 / 7.4, 2.5 / 8.0 and 2.1 / 8.6 (median / p95,
+README); before the op sweep was interleaved with the runs and the policy ops were timed between their
+layer's other ops, the same box gave p95s of 12.9-29.2 %. What remains over-predicted is the time
+between a step's ops for the offloaded policies (the copy worker's handoff rows), which inside a step
+shows up partly within the ops the jobs slow down; the totals agree.
 """
 
 from __future__ import annotations
@@ -82,10 +82,8 @@ def test_cpu_median_target(validated):
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "p95 |error| over 11 quick bundles of this shared 2-core box: 7.3-26.7 %, 7 of 11 <= 20 % (median 3.1-9.2 %); "
-    "the worst points are always tiny-opt decode steps: its ops' time moves 30-50 % between the kernel sweep and "
-    "the runs a few seconds later (weights in a last-level cache shared with other tenants), and a step's K/V reads "
-    "push weights out of that cache where the kernel passes (weights only) do not"))
+    "a timing target on a shared 2-core box: asserted and reported (three fresh quick bundles of 2026-12-02: "
+    "p95 7.4-8.6 %), but a collection in a busy spell of other tenants can miss it; the validate CLI prints it"))
 def test_cpu_p95_target(validated):
     frame, _, _ = validated
     p95 = float(pd.Series(abs_errors(frame)).quantile(0.95))
@@ -96,7 +94,7 @@ def test_cpu_p95_target(validated):
     "a timing target on a shared 2-core box: asserted and reported, but a loaded box (other tenants' processes) "
     "can push single runs past it; the validate CLI prints the figures"))
 def test_small_model_steps_within_target(validated):
-    """small-opt's weights stream from memory as kernels.py times them: every decode step within 20 %."""
+    """small-opt: every decode step within 20 %."""
     frame, _, _ = validated
     small = frame[frame["model"] == "small-opt"]
     assert len(small) == 10 and (small["error_pct"].abs() <= P95_TARGET_PCT).all(), _report(small)
