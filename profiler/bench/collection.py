@@ -214,13 +214,8 @@ def run_model(plan: Plan, bar: tqdm) -> None:
     tasks = kernel_tasks(list(plan.models), dtype_name(plan.device), plan.kernel_grid)
     rounds = KernelRounds(bench, tasks, done, plan.step_grid.repeats)
     bar.update(len(tasks) - len(rounds.todo))
-    ran: list[int] = []
 
     def before_round(r: int) -> None:
-        if r >= rounds.rounds:
-            return
-        ran.append(r)
-
         def on_task(task: KernelTask) -> None:
             bar.set_postfix_str(f"{task.label} (round {r + 1}/{rounds.rounds})", refresh=False)
             bar.update(1 / rounds.rounds)
@@ -228,10 +223,9 @@ def run_model(plan: Plan, bar: tqdm) -> None:
         rounds.run_round(r, on_task)
 
     run_steps(plan, bar, before_round)
-    for r in range(rounds.rounds):  # runs already done (resumed): the ops' rounds alone
-        if r not in ran:
-            before_round(r)
-    for _, rows in rounds.rows():
+    for r in rounds.pending():  # runs already done (resumed): the ops' rounds alone
+        before_round(r)
+    for rows in rounds.rows():
         append_rows(path, rows, KERNEL_COLUMNS)
 
 

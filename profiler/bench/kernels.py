@@ -150,6 +150,10 @@ class KernelTask:
     length: int  # 1 (decode), kv_len (cache) or n (prefill)
     points: tuple[KernelPoint, ...]
 
+    def todo(self, done: set[tuple[str, ...]]) -> list[KernelPoint]:
+        """The task's points whose rows are not in `done`."""
+        return [p for p in self.points if p.key() not in done]
+
     @property
     def label(self) -> str:
         length = {"decode": "", "cache": f" kv{self.length}", "prefill": f" n{self.length}"}[self.kernel_pass]
@@ -272,7 +276,7 @@ class KernelBench:
     def measure(self, task: KernelTask, done: set[tuple[str, ...]] = frozenset()) -> list[dict]:
         """Rows for the task's points not in `done`, every timed pass in one go; an exhausted allocator
         gives 'oom' rows."""
-        todo = [p for p in task.points if p.key() not in done]
+        todo = task.todo(done)
         return task_rows(todo, *self.samples(task, self.repeats)) if todo else []
 
     def samples(self, task: KernelTask, passes: int) -> tuple[dict[Op, list[float]], set[Op]]:
@@ -306,19 +310,27 @@ def task_rows(points: list[KernelPoint], samples: dict[Op, list[float]], failed:
 class KernelRounds:
     """A model's op sweep spread over `rounds` rounds (a share of every task's timed passes each, after
     its own warm-up), run between the rounds of the model's end-to-end runs: on a shared box whose speed
-    drifts over seconds the ops and the runs they predict then sample the same spells."""
+    drifts over seconds the ops and the runs they predict then sample the same spells. Each round runs
+    once: asking for one again (or one past the last) does nothing."""
 
     def __init__(self, bench: KernelBench, tasks: list[KernelTask], done: set[tuple[str, ...]], rounds: int) -> None:
         self.bench, self.rounds = bench, max(1, min(rounds, bench.repeats))
-        self.todo = {task: [p for p in task.points if p.key() not in done] for task in tasks}
-        self.todo = {task: points for task, points in self.todo.items() if points}
+        self.todo = {task: points for task in tasks if (points := task.todo(done))}
         self.got: dict[KernelTask, tuple[dict[Op, list[float]], set[Op]]] = {t: ({}, set()) for t in self.todo}
+        self.ran: set[int] = set()
+
+    def pending(self) -> list[int]:
+        """The rounds not run yet."""
+        return [r for r in range(self.rounds) if r not in self.ran]
 
     def passes(self, r: int) -> int:
         """Timed passes of round r: the repeats dealt out as evenly as they go."""
         return self.bench.repeats // self.rounds + (r < self.bench.repeats % self.rounds)
 
     def run_round(self, r: int, on_task: Callable[[KernelTask], None] = lambda task: None) -> None:
+        if r in self.ran or r >= self.rounds:
+            return
+        self.ran.add(r)
         for task in self.todo:
             on_task(task)
             samples, failed = self.bench.samples(task, self.passes(r))
@@ -327,9 +339,10 @@ class KernelRounds:
                 mine.setdefault(op, []).extend(values)
             lost |= failed
 
-    def rows(self) -> Iterator[tuple[KernelTask, list[dict]]]:
+    def rows(self) -> Iterator[list[dict]]:
+        """Each task's rows; call once every round has run."""
         for task, points in self.todo.items():
-            yield task, task_rows(points, *self.got[task])
+            yield task_rows(points, *self.got[task])
 
 
 # ---- summary ---------------------------------------------------------------------------------
